@@ -1,0 +1,362 @@
+"""SQLite, synchronously: schema and migrations, the one write connection with
+its batch transaction, and the read queries. Knows nothing about trio.
+
+Tables
+  messages  one row per send (a broadcast is one row; ``recipient`` is 'ALL')
+  inbox     one row per (message, recipient); ``read_at`` NULL while unread
+  agents    every inbox owner; ``known`` = has sent, read or was configured
+            (broadcast goes to known agents); ``unread`` is kept in step with
+            inbox so the inbox cap costs one row lookup
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import BusError, Reason
+from .wire import BROADCAST
+
+SCHEMA_VERSION = 1
+PURGE_LIMIT = 10_000  # inbox rows deleted per retention op
+
+# MIGRATIONS[n] takes a database from user_version n to n + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE messages (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after deletes
+        sender     TEXT    NOT NULL,
+        recipient  TEXT    NOT NULL,
+        subject    TEXT    NOT NULL,
+        body       TEXT    NOT NULL,
+        reply_to   INTEGER,
+        ts         TEXT    NOT NULL,
+        key        TEXT,
+        recipients INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX messages_key ON messages (sender, key) WHERE key IS NOT NULL;
+    CREATE TABLE inbox (
+        message_id INTEGER NOT NULL,
+        agent      TEXT    NOT NULL,
+        read_at    TEXT,
+        PRIMARY KEY (message_id, agent)
+    ) WITHOUT ROWID;
+    CREATE INDEX inbox_unread ON inbox (agent, message_id) WHERE read_at IS NULL;
+    CREATE INDEX inbox_read ON inbox (read_at) WHERE read_at IS NOT NULL;
+    CREATE TABLE agents (
+        name      TEXT    PRIMARY KEY,
+        known     INTEGER NOT NULL DEFAULT 0,
+        last_seen TEXT,
+        unread    INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
+]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+class SchemaError(Exception):
+    """The database cannot be used by this version of busd."""
+
+
+def timestamp(t: float | None = None) -> str:
+    """UTC, ISO 8601, milliseconds, trailing Z."""
+    if t is None:
+        t = time.time()
+    d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+# ---- connections ------------------------------------------------------------
+
+
+def open_writer(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
+    """The one read-write connection: WAL, fsync on every commit, schema
+    brought up to date. Raises SchemaError or sqlite3.Error."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout = 2000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise SchemaError(f"{path}: cannot switch to WAL (journal_mode={mode})")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        migrate(conn, path)
+        # Take the write lock once now, so a second daemon on the same file
+        # fails at start-up instead of at its first send.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}: schema version {version} is newer than this busd understands ({SCHEMA_VERSION})"
+        )
+    if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise SchemaError(f"{path}: not a busd database (it has tables but no busd schema version)")
+    while version < SCHEMA_VERSION:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(MIGRATIONS[version]):
+                conn.execute(stmt)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(script: str) -> list[str]:
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return [s for s in out if s]
+
+
+def open_reader(path: str) -> sqlite3.Connection:
+    uri = "file:" + os.path.abspath(path) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+# ---- write operations (applied only by the writer) --------------------------
+
+
+@dataclass(slots=True)
+class Send:
+    sender: str
+    to: str
+    subject: str
+    body: str
+    reply_to: int | None
+    key: str | None
+
+
+@dataclass(slots=True)
+class SendDone:
+    id: int
+    timestamp: str
+    recipients: int
+    duplicate: bool
+
+
+@dataclass(slots=True)
+class Ack:
+    agent: str
+    up_to: int | None = None
+    ids: list[int] | None = None
+
+
+@dataclass(slots=True)
+class Touch:
+    """Mark agents known and record when they were last seen (None: not seen,
+    as for agents named in the configuration)."""
+
+    seen: dict[str, str | None]
+
+
+@dataclass(slots=True)
+class Purge:
+    """Delete read messages read before ``cutoff``; at most ``limit`` inbox rows."""
+
+    cutoff: str
+    limit: int = PURGE_LIMIT
+
+
+Op = Union[Send, Ack, Touch, Purge]
+Outcome = Union[SendDone, int, BusError]
+
+
+@dataclass
+class Writer:
+    """Owns the write connection. ``apply`` runs one batch in one transaction;
+    it is only ever called from one thread at a time (the writer task's)."""
+
+    conn: sqlite3.Connection
+    inbox_cap: int
+    strict: bool
+    known: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.known = {r[0] for r in self.conn.execute("SELECT name FROM agents WHERE known = 1")}
+
+    def apply(self, ops: list[Op]) -> list[Outcome]:
+        """One transaction for the batch, each op in its own savepoint so that a
+        refusal undoes only that op. Commit (fsync) before returning. If the
+        commit itself fails, every op of the batch fails with ``unavailable``."""
+        now = timestamp()
+        c = self.conn
+        outcomes: list[Outcome] = []
+        newly_known: set[str] = set()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                c.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(self._apply_one(op, now, newly_known))
+                except BusError as e:
+                    c.execute("ROLLBACK TO op")
+                    outcomes.append(e)
+                except sqlite3.Error as e:
+                    c.execute("ROLLBACK TO op")
+                    outcomes.append(BusError(Reason.UNAVAILABLE, f"database error: {e}"))
+                c.execute("RELEASE op")
+            c.execute("COMMIT")
+        except sqlite3.Error as e:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            self.known -= newly_known
+            err = BusError(Reason.UNAVAILABLE, f"database error: {e}")
+            return [err] * len(ops)
+        self.known |= newly_known
+        return outcomes
+
+    def _apply_one(self, op: Op, now: str, newly_known: set[str]) -> Outcome:
+        if isinstance(op, Send):
+            return self._send(op, now, newly_known)
+        if isinstance(op, Ack):
+            self._make_known(op.agent, now, newly_known)
+            return self._ack(op, now)
+        if isinstance(op, Touch):
+            for name, seen in op.seen.items():
+                self._make_known(name, seen, newly_known, force=True)
+            return len(op.seen)
+        if isinstance(op, Purge):
+            return self._purge(op)
+        raise TypeError(op)
+
+    def _make_known(self, name: str, now: str | None, newly_known: set[str], force: bool = False) -> None:
+        if name in self.known or name in newly_known:
+            if not force:
+                return
+        self.conn.execute(
+            "INSERT INTO agents (name, known, last_seen) VALUES (?, 1, ?) "
+            "ON CONFLICT (name) DO UPDATE SET known = 1, "
+            "last_seen = coalesce(max(last_seen, excluded.last_seen), last_seen, excluded.last_seen)",
+            (name, now),
+        )
+        newly_known.add(name)
+
+    def _send(self, op: Send, now: str, newly_known: set[str]) -> SendDone:
+        c = self.conn
+        if op.key is not None:
+            row = c.execute(
+                "SELECT id, ts, recipients FROM messages WHERE sender = ? AND key = ?",
+                (op.sender, op.key),
+            ).fetchone()
+            if row is not None:
+                return SendDone(row[0], row[1], row[2], True)
+        self._make_known(op.sender, now, newly_known)
+        if op.to == BROADCAST:
+            full = c.execute(
+                "SELECT name FROM agents WHERE known = 1 AND name <> ? AND unread >= ? LIMIT 1",
+                (op.sender, self.inbox_cap),
+            ).fetchone()
+            if full is not None:
+                raise BusError(Reason.INBOX_FULL, f"inbox of {full[0]!r} is full; broadcast stored for nobody")
+        else:
+            row = c.execute("SELECT known, unread FROM agents WHERE name = ?", (op.to,)).fetchone()
+            if self.strict and (row is None or not row[0]):
+                raise BusError(Reason.NOT_FOUND, f"no agent named {op.to!r} (strict mode)")
+            if row is not None and row[1] >= self.inbox_cap:
+                raise BusError(Reason.INBOX_FULL, f"inbox of {op.to!r} is full ({row[1]} unread)")
+        cur = c.execute(
+            "INSERT INTO messages (sender, recipient, subject, body, reply_to, ts, key, recipients) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
+            (op.sender, op.to, op.subject, op.body, op.reply_to, now, op.key),
+        )
+        mid = cur.lastrowid
+        assert mid is not None
+        if op.to == BROADCAST:
+            n = c.execute(
+                "INSERT INTO inbox (message_id, agent) "
+                "SELECT ?, name FROM agents WHERE known = 1 AND name <> ?",
+                (mid, op.sender),
+            ).rowcount
+            c.execute("UPDATE agents SET unread = unread + 1 WHERE known = 1 AND name <> ?", (op.sender,))
+        else:
+            c.execute("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", (mid, op.to))
+            c.execute(
+                "INSERT INTO agents (name, unread) VALUES (?, 1) "
+                "ON CONFLICT (name) DO UPDATE SET unread = unread + 1",
+                (op.to,),
+            )
+            n = 1
+        if n != 0:
+            c.execute("UPDATE messages SET recipients = ? WHERE id = ?", (n, mid))
+        return SendDone(mid, now, n, False)
+
+    def _ack(self, op: Ack, now: str) -> int:
+        c = self.conn
+        n = 0
+        if op.up_to:
+            n += c.execute(
+                "UPDATE inbox SET read_at = ? WHERE agent = ? AND read_at IS NULL AND message_id <= ?",
+                (now, op.agent, op.up_to),
+            ).rowcount
+        if op.ids:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS ack_ids (id INTEGER PRIMARY KEY)")
+            c.execute("DELETE FROM ack_ids")
+            c.executemany("INSERT OR IGNORE INTO ack_ids VALUES (?)", [(i,) for i in op.ids])
+            n += c.execute(
+                "UPDATE inbox SET read_at = ? WHERE agent = ? AND read_at IS NULL "
+                "AND message_id IN (SELECT id FROM ack_ids)",
+                (now, op.agent),
+            ).rowcount
+        if n:
+            c.execute("UPDATE agents SET unread = unread - ? WHERE name = ?", (n, op.agent))
+        return n
+
+    def _purge(self, op: Purge) -> int:
+        c = self.conn
+        rows = c.execute(
+            "SELECT message_id, agent FROM inbox WHERE read_at IS NOT NULL AND read_at < ? LIMIT ?",
+            (op.cutoff, op.limit),
+        ).fetchall()
+        if not rows:
+            return 0
+        c.executemany("DELETE FROM inbox WHERE message_id = ? AND agent = ?", rows)
+        c.executemany(
+            "DELETE FROM messages WHERE id = ? AND NOT EXISTS (SELECT 1 FROM inbox WHERE message_id = ?)",
+            [(m, m) for m in sorted({r[0] for r in rows})],
+        )
+        return len(rows)
+
+
+# ---- reads (any reader connection) ------------------------------------------
+
+InboxRow = tuple[int, str, str, str, str, str, "int | None"]
+
+
+def read_inbox(conn: sqlite3.Connection, agent: str, limit: int) -> list[InboxRow]:
+    return conn.execute(
+        "SELECT m.id, m.sender, m.recipient, m.subject, m.body, m.ts, m.reply_to "
+        "FROM inbox i JOIN messages m ON m.id = i.message_id "
+        "WHERE i.agent = ? AND i.read_at IS NULL ORDER BY i.message_id LIMIT ?",
+        (agent, limit),
+    ).fetchall()
+
+
+def list_agents(conn: sqlite3.Connection) -> list[tuple[str, str | None, int]]:
+    return conn.execute("SELECT name, last_seen, unread FROM agents ORDER BY name").fetchall()
+
+
+def totals(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """(agents, unread messages, last id)"""
+    agents, unread = conn.execute("SELECT count(*), coalesce(sum(unread), 0) FROM agents").fetchone()
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    return agents, unread, row[0] if row else 0

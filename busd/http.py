@@ -1,0 +1,226 @@
+"""The HTTP/1.1 shim (h11) for agents that only speak HTTP: POST /api/send,
+GET /api/inbox/<agent>, GET /healthz. Keep-alive, bounded request sizes, and
+deadlines on reading a request so a slow or idle client cannot hold on."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import h11
+import msgspec
+import trio
+
+from . import __version__
+from .core import Bus
+from .errors import BusError, Reason
+from .wire import HttpError, HttpErrorReply, InboxParams, SendParams, encoder, send_decoder
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS: dict[Reason, int] = {
+    Reason.BAD_REQUEST: 400,
+    Reason.UNAUTHORIZED: 401,
+    Reason.FORBIDDEN: 403,
+    Reason.NOT_FOUND: 404,
+    Reason.TOO_LARGE: 413,
+    Reason.RATE_LIMITED: 429,
+    Reason.INBOX_FULL: 507,
+    Reason.UNAVAILABLE: 503,
+}
+
+HEAD_MAX = 16 * 1024  # request line and headers
+IDLE_TIMEOUT = 75.0  # keep-alive: waiting for the first byte of a request
+REQUEST_TIMEOUT = 15.0  # from a request's first byte to its last
+WRITE_TIMEOUT = 30.0
+RECV_SIZE = 65536
+
+
+class MethodNotAllowed(Exception):
+    def __init__(self, allow: str) -> None:
+        self.allow = allow
+
+
+def ok_body(result: msgspec.Struct) -> bytes:
+    """``{"ok": true, ...result's members}``"""
+    encoded = encoder.encode(result)
+    return b'{"ok":true,' + encoded[1:] if len(encoded) > 2 else b'{"ok":true}'
+
+
+def error_body(reason: Reason, message: str, retry_after: Any = msgspec.UNSET) -> bytes:
+    return encoder.encode(HttpErrorReply(False, HttpError(reason.value, message, retry_after)))
+
+
+class HttpConnection:
+    def __init__(self, bus: Bus, stream: trio.abc.Stream, cid: int) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.cid = cid
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_MAX)
+        cfg = bus.config
+        self.max_request = max(1024 * 1024, cfg.max_body * 6 + 16 * 1024)  # JSON may escape 1 byte to 6
+
+    async def run(self, first: bytes) -> None:
+        self.h11.receive_data(first)
+        while True:
+            try:
+                request, body = await self._read_request()
+            except _Closed:
+                return
+            except TooLarge as e:
+                await self._send(413, error_body(Reason.TOO_LARGE, str(e)), close=True)
+                return
+            except h11.RemoteProtocolError as e:
+                await self._send(e.error_status_hint, error_body(Reason.BAD_REQUEST, f"bad HTTP request: {e}"), close=True)
+                return
+            except trio.TooSlowError:
+                log.info("conn=%d HTTP request too slow; closing", self.cid)
+                await self._send(408, error_body(Reason.BAD_REQUEST, "request not received in time"), close=True)
+                return
+            status, payload, headers = await self._respond(request, body)
+            if not await self._send(status, payload, headers):
+                return
+            if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+                return
+            try:
+                self.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_request(self) -> tuple[h11.Request, bytes]:
+        request: h11.Request | None = None
+        body = bytearray()
+        with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
+            if self.h11.their_state is not h11.IDLE or self.h11.trailing_data[0]:
+                scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await self.stream.receive_some(RECV_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        raise _Closed from None
+                    if not data and self.h11.their_state is h11.IDLE and request is None:
+                        raise _Closed  # a clean close between requests
+                    scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
+                    self.h11.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                    length = _content_length(event)
+                    if length is not None and length > self.max_request:
+                        raise TooLarge(f"request body over {self.max_request} bytes")
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > self.max_request:
+                        raise TooLarge(f"request body over {self.max_request} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    return request, bytes(body)
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise _Closed
+        raise trio.TooSlowError
+
+    async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
+        self.bus.requests += 1
+        try:
+            result = await self._route(request, body)
+            return 200, ok_body(result), []
+        except MethodNotAllowed as e:
+            return 405, error_body(Reason.BAD_REQUEST, "method not allowed"), [("allow", e.allow)]
+        except BusError as e:
+            headers = []
+            retry_after = e.data.get("retry_after", msgspec.UNSET)
+            if retry_after is not msgspec.UNSET:
+                headers.append(("retry-after", str(math.ceil(float(retry_after)))))  # type: ignore[arg-type]
+            return HTTP_STATUS[e.reason], error_body(e.reason, e.message, retry_after), headers
+        except Exception:
+            log.exception("conn=%d %s %s failed", self.cid, request.method, request.target)
+            return 500, error_body(Reason.UNAVAILABLE, "internal error"), []
+
+    async def _route(self, request: h11.Request, body: bytes) -> Any:
+        url = urlsplit(request.target.decode("latin-1"))
+        path = url.path
+        method = request.method
+        if path == "/healthz":
+            _allow(method, b"GET")
+            return _Health()
+        if path == "/api/send":
+            _allow(method, b"POST")
+            who = self.bus.authenticate(_bearer(request))
+            try:
+                params: SendParams = send_decoder.decode(body)
+            except msgspec.DecodeError as e:
+                raise BusError(Reason.BAD_REQUEST, f"invalid send body: {e}") from None
+            return await self.bus.send(who, params)
+        if path.startswith("/api/inbox/"):
+            _allow(method, b"GET")
+            who = self.bus.authenticate(_bearer(request))
+            query: dict[str, Any] = dict(parse_qsl(url.query, keep_blank_values=True))
+            query["agent"] = unquote(path[len("/api/inbox/") :])
+            try:
+                inbox = msgspec.convert(query, InboxParams, strict=False)
+            except msgspec.ValidationError as e:
+                raise BusError(Reason.BAD_REQUEST, f"invalid inbox request: {e}") from None
+            return await self.bus.inbox(who, inbox)
+        raise BusError(Reason.NOT_FOUND, f"no such path: {path}")
+
+    async def _send(self, status: int, payload: bytes, headers: list[tuple[str, str]] | None = None, close: bool = False) -> bool:
+        """Send one response; False if the connection is done for."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return False
+        hdrs = [("content-type", "application/json"), ("content-length", str(len(payload))), ("server", "busd")]
+        hdrs += headers or []
+        if close:
+            hdrs.append(("connection", "close"))
+        try:
+            data = self.h11.send(h11.Response(status_code=status, headers=hdrs))
+            data += self.h11.send(h11.Data(data=payload)) or b""
+            data += self.h11.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return False
+        try:
+            with trio.fail_after(WRITE_TIMEOUT):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            return False
+        return not close
+
+
+class _Closed(Exception):
+    pass
+
+
+class TooLarge(Exception):
+    pass
+
+
+class _Health(msgspec.Struct):
+    service: str = "busd"
+    version: str = __version__
+
+
+def _allow(method: bytes, allowed: bytes) -> None:
+    if method != allowed:
+        raise MethodNotAllowed(allowed.decode())
+
+
+def _bearer(request: h11.Request) -> str | None:
+    for name, value in request.headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+            return None
+    return None
+
+
+def _content_length(request: h11.Request) -> int | None:
+    for name, value in request.headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

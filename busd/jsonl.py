@@ -1,0 +1,221 @@
+"""The native transport: JSON-RPC 2.0, one object per line.
+
+One reader task per connection decodes lines and starts each request in read
+order; a request that writes is queued for the writer before the next line is
+read, so pipelined sends commit in the order they were written. Waiting (for
+a commit or a long-poll) happens in the request's own task, so replies may
+return out of order. One sender task owns the socket's write side.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import trio
+
+from .core import Bus
+from .errors import BusError, Reason
+from .framing import MAX_LINE, LineBuffer, LineTooLong
+from .wire import (
+    PARAMS_DECODERS,
+    AuthParams,
+    ErrorObject,
+    ErrorResponse,
+    OkResult,
+    RequestId,
+    Response,
+    any_decoder,
+    encoder,
+    request_decoder,
+)
+
+log = logging.getLogger(__name__)
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+# The contract's reasons as JSON-RPC error codes; ``data.reason`` names them too.
+CODES: dict[Reason, int] = {
+    Reason.BAD_REQUEST: INVALID_PARAMS,
+    Reason.UNAUTHORIZED: -32001,
+    Reason.FORBIDDEN: -32003,
+    Reason.NOT_FOUND: -32004,
+    Reason.TOO_LARGE: -32013,
+    Reason.RATE_LIMITED: -32029,
+    Reason.INBOX_FULL: -32007,
+    Reason.UNAVAILABLE: -32053,
+}
+
+WRITES = frozenset({"send", "inbox", "ack"})  # methods that take task_status
+MAX_INFLIGHT = 256  # requests of one connection awaiting their reply
+OUTBOX = 64  # encoded replies waiting for the socket
+WRITE_TIMEOUT = 30.0  # a client that does not read its replies for this long is dropped
+IDLE_TIMEOUT = 900.0  # a connection with nothing in flight and nothing said is closed
+RECV_SIZE = 65536
+
+
+def error_line(rid: RequestId, code: int, reason: Reason, message: str, **data: Any) -> bytes:
+    reply = ErrorResponse("2.0", rid, ErrorObject(code, message, {"reason": reason.value, **data}))
+    return encoder.encode(reply) + b"\n"
+
+
+class _Once:
+    """A task_status that may be told ``started`` more than once."""
+
+    __slots__ = ("_status", "_done")
+
+    def __init__(self, status: trio.TaskStatus[None]) -> None:
+        self._status = status
+        self._done = False
+
+    def started(self, value: None = None) -> None:
+        if not self._done:
+            self._done = True
+            self._status.started()
+
+
+class JsonLinesConnection:
+    def __init__(self, bus: Bus, stream: trio.abc.Stream, cid: int) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.cid = cid
+        self.who = bus.anonymous()
+        self._inflight = trio.Semaphore(MAX_INFLIGHT)
+        self._out: trio.MemorySendChannel[bytes] | None = None
+
+    async def run(self, first: bytes) -> None:
+        out, out_recv = trio.open_memory_channel[bytes](OUTBOX)
+        async with trio.open_nursery() as conn:
+            conn.start_soon(self._send_loop, out_recv, conn.cancel_scope)
+            async with out:
+                self._out = out
+                async with trio.open_nursery() as requests:
+                    await self._read_loop(first, requests)
+                # every request has been answered; closing ``out`` lets the
+                # sender flush and finish
+
+    async def _read_loop(self, data: bytes, requests: trio.Nursery) -> None:
+        lines = LineBuffer(MAX_LINE)
+        while True:
+            try:
+                batch = lines.feed(data)
+            except LineTooLong:
+                log.warning("conn=%d line over %d bytes; closing", self.cid, MAX_LINE)
+                await self._reply(error_line(None, INVALID_REQUEST, Reason.TOO_LARGE, "line over 1 MiB"))
+                return
+            for line in batch:
+                await self._handle_line(line, requests)
+            data = b""
+            while not data:
+                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                    try:
+                        data = await self.stream.receive_some(RECV_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        requests.cancel_scope.cancel()  # the peer is gone: drop its requests
+                        return
+                if not idle.cancelled_caught:
+                    if not data:
+                        return  # EOF: answer what is in flight, then close
+                elif self._inflight.value == MAX_INFLIGHT:
+                    log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
+                    return
+
+    async def _handle_line(self, line: bytes, requests: trio.Nursery) -> None:
+        line = line.strip()
+        if not line:
+            return
+        self.bus.requests += 1
+        try:
+            req = request_decoder.decode(line)
+        except msgspec.ValidationError as e:
+            await self._reply(error_line(_fish_id(line), INVALID_REQUEST, Reason.BAD_REQUEST, f"invalid request: {e}"))
+            return
+        except msgspec.DecodeError as e:
+            await self._reply(error_line(None, PARSE_ERROR, Reason.BAD_REQUEST, f"parse error: {e}"))
+            return
+        decoder = PARAMS_DECODERS.get(req.method)
+        if decoder is None:
+            await self._reply(
+                error_line(req.id, METHOD_NOT_FOUND, Reason.BAD_REQUEST, f"unknown method {req.method!r}")
+            )
+            return
+        try:
+            params = decoder.decode(req.params or b"{}")
+        except msgspec.DecodeError as e:
+            await self._reply(error_line(req.id, INVALID_PARAMS, Reason.BAD_REQUEST, f"invalid params: {e}"))
+            return
+        if isinstance(params, AuthParams):  # in line: later requests depend on it
+            try:
+                self.who = self.bus.authenticate(params.token)
+            except BusError as e:
+                await self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message))
+                return
+            await self._reply(_result_line(req.id, OkResult()))
+            return
+        await self._inflight.acquire()
+        await requests.start(self._call, req.id, req.method, params)
+
+    async def _call(
+        self, rid: RequestId, method: str, params: Any, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        once = _Once(task_status)
+        try:
+            fn = getattr(self.bus, method)
+            if method in WRITES:
+                result = await fn(self.who, params, task_status=once)
+            else:
+                once.started()
+                result = await fn(self.who)
+            line = _result_line(rid, result)
+        except BusError as e:
+            line = error_line(rid, CODES[e.reason], e.reason, e.message, **e.data)
+        except Exception:
+            log.exception("conn=%d %s failed", self.cid, method)
+            line = error_line(rid, INTERNAL_ERROR, Reason.UNAVAILABLE, "internal error")
+        finally:
+            once.started()
+            self._inflight.release()
+        await self._reply(line)
+
+    async def _reply(self, line: bytes) -> None:
+        assert self._out is not None
+        await self._out.send(line)
+
+    async def _send_loop(self, out: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope) -> None:
+        try:
+            async for line in out:
+                chunks = [line]
+                while True:  # coalesce what is ready into one write
+                    try:
+                        chunks.append(out.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                with trio.fail_after(WRITE_TIMEOUT):
+                    await self.stream.send_all(b"".join(chunks))
+        except trio.TooSlowError:
+            log.warning("conn=%d does not read its replies; dropping it", self.cid)
+            scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+
+def _result_line(rid: RequestId, result: Any) -> bytes:
+    return encoder.encode(Response("2.0", rid, result)) + b"\n"
+
+
+def _fish_id(line: bytes) -> RequestId:
+    """The id of a request that is valid JSON but not a valid request."""
+    try:
+        obj = any_decoder.decode(line)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(obj, dict):
+        rid = obj.get("id")
+        if isinstance(rid, (int, str)) and not isinstance(rid, bool):
+            return rid
+    return None

@@ -1,0 +1,209 @@
+"""The async face of the database: the one writer task (bounded channel ->
+batch -> one transaction in a worker thread -> fsync'd commit -> wake the
+callers), a small pool of read connections, and the long-poll wake-ups that
+the writer fires right after each commit."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import trio
+
+from . import db
+from .errors import BusError, Reason
+from .wire import BROADCAST, WriterStats
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+QUEUE_SIZE = 8192  # ops waiting for the writer; beyond this, submitters wait
+BATCH_MAX = 2000  # ops in one transaction
+READERS = 4
+
+
+class Pending:
+    """An op on its way through the writer; ``result()`` waits for its commit."""
+
+    __slots__ = ("op", "outcome", "done")
+
+    def __init__(self, op: db.Op) -> None:
+        self.op = op
+        self.outcome: db.Outcome | None = None
+        self.done = trio.Event()
+
+    async def result(self) -> Any:
+        await self.done.wait()
+        if isinstance(self.outcome, BusError):
+            raise self.outcome
+        return self.outcome
+
+
+class Mailboxes:
+    """One event per agent that somebody is waiting on. Take the event before
+    reading the inbox; a commit that lands after the read sets it."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, trio.Event] = {}
+
+    def event(self, agent: str) -> trio.Event:
+        ev = self._events.get(agent)
+        if ev is None:
+            ev = self._events[agent] = trio.Event()
+        return ev
+
+    def wake(self, agent: str) -> None:
+        ev = self._events.pop(agent, None)
+        if ev is not None:
+            ev.set()
+
+    def wake_all(self) -> None:
+        events, self._events = self._events, {}
+        for ev in events.values():
+            ev.set()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+
+class Store:
+    def __init__(self, path: str, writer: db.Writer, send: trio.MemorySendChannel[Pending]) -> None:
+        self.path = path
+        self._writer = writer
+        self._send = send
+        self._readers: list[sqlite3.Connection] = []
+        self._read_limiter = trio.CapacityLimiter(READERS)
+        self._write_limiter = trio.CapacityLimiter(1)
+        self.mailboxes = Mailboxes()
+        self._writer_done = trio.Event()
+        # statistics
+        self._batches = 0
+        self._ops = 0
+        self._max_batch = 0
+        self._commit_s_total = 0.0
+        self._commit_s_last = 0.0
+
+    # -- writes ------------------------------------------------------------
+
+    async def submit(self, op: db.Op) -> Pending:
+        """Queue ``op`` for the writer, in the order of calls; wait only if the
+        queue is full. ``await pending.result()`` for the committed outcome."""
+        pending = Pending(op)
+        try:
+            await self._send.send(pending)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise BusError(Reason.UNAVAILABLE, "the bus is shutting down") from None
+        return pending
+
+    async def execute(self, op: db.Op) -> Any:
+        return await (await self.submit(op)).result()
+
+    def is_known(self, agent: str) -> bool:
+        # The writer thread adds to this set; a membership test is atomic.
+        return agent in self._writer.known
+
+    async def drain(self) -> None:
+        """Refuse new writes, and return once everything queued is committed
+        and its callers have their outcome."""
+        await self._send.aclose()
+        await self._writer_done.wait()
+
+    async def run_writer(self, receive: trio.MemoryReceiveChannel[Pending]) -> None:
+        async with receive:
+            while True:
+                try:
+                    batch = [await receive.receive()]
+                except trio.EndOfChannel:
+                    self._writer_done.set()
+                    return
+                while len(batch) < BATCH_MAX:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        ops = [p.op for p in batch]
+        t0 = time.perf_counter()
+        try:
+            # Not abandoned on cancel: a commit in flight always finishes and
+            # its callers always hear how it went.
+            outcomes = await trio.to_thread.run_sync(self._writer.apply, ops, limiter=self._write_limiter)
+        except Exception as e:  # a bug, or the database went away under us
+            log.exception("writer: batch of %d failed", len(batch))
+            outcomes = [BusError(Reason.UNAVAILABLE, f"write failed: {e}")] * len(batch)
+        elapsed = time.perf_counter() - t0
+        self._batches += 1
+        self._ops += len(batch)
+        self._max_batch = max(self._max_batch, len(batch))
+        self._commit_s_total += elapsed
+        self._commit_s_last = elapsed
+        wake_all = False
+        for pending, outcome in zip(batch, outcomes):
+            pending.outcome = outcome
+            pending.done.set()
+            op = pending.op
+            if isinstance(op, db.Send) and isinstance(outcome, db.SendDone) and not outcome.duplicate:
+                if op.to == BROADCAST:
+                    wake_all = True
+                else:
+                    self.mailboxes.wake(op.to)
+        if wake_all:
+            self.mailboxes.wake_all()
+
+    # -- reads -------------------------------------------------------------
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(conn, *args)`` on a read-only connection in a thread."""
+        async with self._read_limiter:
+            conn = self._readers.pop() if self._readers else db.open_reader(self.path)
+            try:
+                result = await trio.to_thread.run_sync(fn, conn, *args)
+            except sqlite3.Error as e:
+                conn.close()
+                raise BusError(Reason.UNAVAILABLE, f"database error: {e}") from None
+            except BaseException:
+                conn.close()
+                raise
+            self._readers.append(conn)
+            return result
+
+    def statistics(self) -> WriterStats:
+        return WriterStats(
+            queued=self._send.statistics().current_buffer_used,
+            batches=self._batches,
+            ops=self._ops,
+            max_batch=self._max_batch,
+            mean_batch=round(self._ops / self._batches, 2) if self._batches else 0.0,
+            commit_ms_last=round(self._commit_s_last * 1000, 3),
+            commit_ms_mean=round(self._commit_s_total * 1000 / self._batches, 3) if self._batches else 0.0,
+        )
+
+
+@asynccontextmanager
+async def open_store(path: str, *, inbox_cap: int, strict: bool, synchronous: str = "FULL") -> AsyncIterator[Store]:
+    """Open the database and run the writer task for the life of the block.
+    On exit the queue is closed, the writer commits what is queued, and the
+    connections close."""
+    conn = await trio.to_thread.run_sync(db.open_writer, path, synchronous)
+    writer = db.Writer(conn, inbox_cap=inbox_cap, strict=strict)
+    send, receive = trio.open_memory_channel[Pending](QUEUE_SIZE)
+    store = Store(path, writer, send)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run_writer, receive)
+            try:
+                yield store
+            finally:
+                store.mailboxes.wake_all()
+                await send.aclose()
+    finally:
+        for r in store._readers:
+            r.close()
+        conn.close()
