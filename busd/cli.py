@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import resource
+import sqlite3
 import sys
 from typing import Any
 
@@ -62,16 +63,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     try:
         trio.run(app.run, config)
-    except SchemaError as e:
-        print(f"busd: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"busd: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # sqlite3 errors at start-up: locked, read-only, corrupt
-        print(f"busd: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:
+        return _startup_failure(_leaf(e))
     return 0
+
+
+def _leaf(e: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, if there is one."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
+
+
+def _startup_failure(e: BaseException) -> int:
+    if isinstance(e, ConfigError):
+        print(f"busd: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, (SchemaError, OSError)):
+        print(f"busd: {e}", file=sys.stderr)
+        return 1
+    if isinstance(e, sqlite3.Error):  # locked, read-only, corrupt
+        print(f"busd: cannot open the database: {e}", file=sys.stderr)
+        return 1
+    raise e
 
 
 def _raise_fd_limit() -> None:

@@ -6,9 +6,11 @@ else.
 authenticated), ADMIN (may act as anyone) or an agent name (may send only as
 itself and read or ack only its own inbox).
 
-Methods that write take ``task_status``: they call ``task_status.started()``
-once their write is queued for the writer, so a transport can wait for that
-before reading its next request and keep pipelined writes in order.
+Writes keep the order their requests were read in: ``submit_send`` and
+``submit_ack`` return once the write is queued for the writer (a Pending to
+await for the outcome), and ``inbox`` calls ``task_status.started()`` once its
+ack is queued. A transport that waits for that before reading its next
+request keeps pipelined writes in order.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from . import __version__, db
 from .config import ADMIN, Config, Tokens
 from .errors import BusError, Reason
 from .ratelimit import Buckets
-from .store import Store
+from .store import Pending, Store
 from .wire import (
     BROADCAST,
     AckParams,
@@ -85,9 +87,9 @@ class Bus:
 
     # -- methods ---------------------------------------------------------------
 
-    async def send(
-        self, who: str | None, p: SendParams, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> SendResult:
+    async def submit_send(self, who: str | None, p: SendParams) -> Pending:
+        """Check a send and queue it for the writer; the returned Pending
+        resolves to a db.SendDone once committed (see ``send_result``)."""
         self._authorize(who, p.from_)
         if p.to != BROADCAST and p.to.upper() == BROADCAST:
             raise BusError(Reason.BAD_REQUEST, "to broadcast, send to 'ALL' in capitals")
@@ -100,10 +102,10 @@ class Bus:
             wait = math.ceil(wait * 1000) / 1000
             kind = "broadcasts" if p.to == BROADCAST else "direct sends"
             raise BusError(Reason.RATE_LIMITED, f"too many {kind} from {p.from_!r}", retry_after=wait)
-        pending = await self.store.submit(db.Send(p.from_, p.to, p.subject, p.body, p.reply_to, p.key))
-        task_status.started()
-        done: db.SendDone = await pending.result()
-        return SendResult(done.id, done.timestamp, done.recipients, True if done.duplicate else UNSET)
+        return await self.store.submit(db.Send(p.from_, p.to, p.subject, p.body, p.reply_to, p.key))
+
+    async def send(self, who: str | None, p: SendParams) -> SendResult:
+        return send_result(await (await self.submit_send(who, p)).result())
 
     async def inbox(
         self, who: str | None, p: InboxParams, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -132,15 +134,15 @@ class Bus:
             with trio.move_on_at(deadline):
                 await arrived.wait()
 
-    async def ack(
-        self, who: str | None, p: AckParams, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> AckResult:
+    async def submit_ack(self, who: str | None, p: AckParams) -> Pending:
+        """Check an ack and queue it; the Pending resolves to the count newly read."""
         self._authorize(who, p.agent)
         if p.up_to is None and p.ids is None:
             raise BusError(Reason.BAD_REQUEST, "give up_to or ids")
-        pending = await self.store.submit(db.Ack(p.agent, up_to=p.up_to, ids=p.ids))
-        task_status.started()
-        return AckResult(await pending.result())
+        return await self.store.submit(db.Ack(p.agent, up_to=p.up_to, ids=p.ids))
+
+    async def ack(self, who: str | None, p: AckParams) -> AckResult:
+        return AckResult(await (await self.submit_ack(who, p)).result())
 
     async def agents(self, who: str | None) -> AgentsResult:
         self._check_authenticated(who)
@@ -215,6 +217,10 @@ class Bus:
         if total:
             log.info("retention: deleted %d read inbox entries older than %s", total, cutoff)
         return total
+
+
+def send_result(done: db.SendDone) -> SendResult:
+    return SendResult(done.id, done.timestamp, done.recipients, True if done.duplicate else UNSET)
 
 
 def _message(r: db.InboxRow) -> Message:

@@ -12,6 +12,7 @@ Tables
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import time
@@ -22,7 +23,7 @@ from .errors import BusError, Reason
 from .wire import BROADCAST
 
 SCHEMA_VERSION = 1
-PURGE_LIMIT = 10_000  # inbox rows deleted per retention op
+PURGE_LIMIT = 2_000  # inbox rows deleted per retention op
 
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
 MIGRATIONS: list[str] = [
@@ -184,121 +185,117 @@ Outcome = Union[SendDone, int, BusError]
 @dataclass
 class Writer:
     """Owns the write connection. ``apply`` runs one batch in one transaction;
-    it is only ever called from one thread at a time (the writer task's)."""
+    it is only ever called from one thread at a time (the writer task's).
+
+    Every op makes all its checks before its first write, so a refusal
+    (duplicate key, full inbox, unknown agent) leaves nothing behind and fails
+    alone, without a savepoint. ``known`` and ``_unread`` mirror the agents
+    table for the writer's own checks; they are rebuilt if a batch fails."""
 
     conn: sqlite3.Connection
     inbox_cap: int
     strict: bool
     known: set[str] = field(default_factory=set)
+    _unread: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.known = {r[0] for r in self.conn.execute("SELECT name FROM agents WHERE known = 1")}
+        self._load_caches()
+
+    def _load_caches(self) -> None:
+        rows = self.conn.execute("SELECT name, known, unread FROM agents").fetchall()
+        self.known = {name for name, known, _ in rows if known}
+        self._unread = {name: unread for name, _, unread in rows}
 
     def apply(self, ops: list[Op]) -> list[Outcome]:
-        """One transaction for the batch, each op in its own savepoint so that a
-        refusal undoes only that op. Commit (fsync) before returning. If the
-        commit itself fails, every op of the batch fails with ``unavailable``."""
+        """Apply ``ops`` in one transaction and commit it (fsync) before
+        returning their outcomes, in order. If the database fails (I/O error,
+        disk full, the commit itself), the whole batch is rolled back and every
+        op fails with ``unavailable``: nothing is reported done that is not."""
         now = timestamp()
         c = self.conn
         outcomes: list[Outcome] = []
-        newly_known: set[str] = set()
-        c.execute("BEGIN IMMEDIATE")
         try:
+            c.execute("BEGIN IMMEDIATE")
             for op in ops:
-                c.execute("SAVEPOINT op")
                 try:
-                    outcomes.append(self._apply_one(op, now, newly_known))
+                    outcomes.append(self._apply_one(op, now))
                 except BusError as e:
-                    c.execute("ROLLBACK TO op")
                     outcomes.append(e)
-                except sqlite3.Error as e:
-                    c.execute("ROLLBACK TO op")
-                    outcomes.append(BusError(Reason.UNAVAILABLE, f"database error: {e}"))
-                c.execute("RELEASE op")
             c.execute("COMMIT")
         except sqlite3.Error as e:
             if c.in_transaction:
                 c.execute("ROLLBACK")
-            self.known -= newly_known
-            err = BusError(Reason.UNAVAILABLE, f"database error: {e}")
-            return [err] * len(ops)
-        self.known |= newly_known
+            self._load_caches()
+            return [BusError(Reason.UNAVAILABLE, f"database error: {e}")] * len(ops)
         return outcomes
 
-    def _apply_one(self, op: Op, now: str, newly_known: set[str]) -> Outcome:
+    def _apply_one(self, op: Op, now: str) -> Outcome:
         if isinstance(op, Send):
-            return self._send(op, now, newly_known)
+            return self._send(op, now)
         if isinstance(op, Ack):
-            self._make_known(op.agent, now, newly_known)
+            self._make_known(op.agent, now)
             return self._ack(op, now)
         if isinstance(op, Touch):
             for name, seen in op.seen.items():
-                self._make_known(name, seen, newly_known, force=True)
+                self._make_known(name, seen, force=True)
             return len(op.seen)
         if isinstance(op, Purge):
             return self._purge(op)
         raise TypeError(op)
 
-    def _make_known(self, name: str, now: str | None, newly_known: set[str], force: bool = False) -> None:
-        if name in self.known or name in newly_known:
-            if not force:
-                return
+    def _make_known(self, name: str, seen: str | None, force: bool = False) -> None:
+        if name in self.known and not force:
+            return
         self.conn.execute(
             "INSERT INTO agents (name, known, last_seen) VALUES (?, 1, ?) "
             "ON CONFLICT (name) DO UPDATE SET known = 1, "
             "last_seen = coalesce(max(last_seen, excluded.last_seen), last_seen, excluded.last_seen)",
-            (name, now),
+            (name, seen),
         )
-        newly_known.add(name)
+        self.known.add(name)
+        self._unread.setdefault(name, 0)
 
-    def _send(self, op: Send, now: str, newly_known: set[str]) -> SendDone:
+    def _send(self, op: Send, now: str) -> SendDone:
         c = self.conn
+        # -- checks: nothing is written before all of them pass
         if op.key is not None:
             row = c.execute(
-                "SELECT id, ts, recipients FROM messages WHERE sender = ? AND key = ?",
-                (op.sender, op.key),
+                "SELECT id, ts, recipients FROM messages WHERE sender = ? AND key = ?", (op.sender, op.key)
             ).fetchone()
             if row is not None:
                 return SendDone(row[0], row[1], row[2], True)
-        self._make_known(op.sender, now, newly_known)
         if op.to == BROADCAST:
-            full = c.execute(
-                "SELECT name FROM agents WHERE known = 1 AND name <> ? AND unread >= ? LIMIT 1",
-                (op.sender, self.inbox_cap),
-            ).fetchone()
-            if full is not None:
-                raise BusError(Reason.INBOX_FULL, f"inbox of {full[0]!r} is full; broadcast stored for nobody")
+            recipients = [a for a in self.known if a != op.sender]
+            full = [a for a in recipients if self._unread[a] >= self.inbox_cap]
+            if full:
+                raise BusError(Reason.INBOX_FULL, f"inbox of {full[0]!r} is full; the broadcast went to nobody")
         else:
-            row = c.execute("SELECT known, unread FROM agents WHERE name = ?", (op.to,)).fetchone()
-            if self.strict and (row is None or not row[0]):
+            if self.strict and op.to not in self.known:
                 raise BusError(Reason.NOT_FOUND, f"no agent named {op.to!r} (strict mode)")
-            if row is not None and row[1] >= self.inbox_cap:
-                raise BusError(Reason.INBOX_FULL, f"inbox of {op.to!r} is full ({row[1]} unread)")
-        cur = c.execute(
+            unread = self._unread.get(op.to, 0)
+            if unread >= self.inbox_cap:
+                raise BusError(Reason.INBOX_FULL, f"inbox of {op.to!r} is full ({unread} unread)")
+            recipients = [op.to]
+        # -- writes
+        self._make_known(op.sender, now)
+        mid = c.execute(
             "INSERT INTO messages (sender, recipient, subject, body, reply_to, ts, key, recipients) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 0)",
-            (op.sender, op.to, op.subject, op.body, op.reply_to, now, op.key),
-        )
-        mid = cur.lastrowid
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (op.sender, op.to, op.subject, op.body, op.reply_to, now, op.key, len(recipients)),
+        ).lastrowid
         assert mid is not None
         if op.to == BROADCAST:
-            n = c.execute(
-                "INSERT INTO inbox (message_id, agent) "
-                "SELECT ?, name FROM agents WHERE known = 1 AND name <> ?",
-                (mid, op.sender),
-            ).rowcount
+            c.executemany("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", [(mid, a) for a in recipients])
             c.execute("UPDATE agents SET unread = unread + 1 WHERE known = 1 AND name <> ?", (op.sender,))
         else:
             c.execute("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", (mid, op.to))
             c.execute(
-                "INSERT INTO agents (name, unread) VALUES (?, 1) "
-                "ON CONFLICT (name) DO UPDATE SET unread = unread + 1",
+                "INSERT INTO agents (name, unread) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET unread = unread + 1",
                 (op.to,),
             )
-            n = 1
-        if n != 0:
-            c.execute("UPDATE messages SET recipients = ? WHERE id = ?", (n, mid))
-        return SendDone(mid, now, n, False)
+        for a in recipients:
+            self._unread[a] = self._unread.get(a, 0) + 1
+        return SendDone(mid, now, len(recipients), False)
 
     def _ack(self, op: Ack, now: str) -> int:
         c = self.conn
@@ -309,16 +306,14 @@ class Writer:
                 (now, op.agent, op.up_to),
             ).rowcount
         if op.ids:
-            c.execute("CREATE TEMP TABLE IF NOT EXISTS ack_ids (id INTEGER PRIMARY KEY)")
-            c.execute("DELETE FROM ack_ids")
-            c.executemany("INSERT OR IGNORE INTO ack_ids VALUES (?)", [(i,) for i in op.ids])
             n += c.execute(
                 "UPDATE inbox SET read_at = ? WHERE agent = ? AND read_at IS NULL "
-                "AND message_id IN (SELECT id FROM ack_ids)",
-                (now, op.agent),
+                "AND message_id IN (SELECT value FROM json_each(?))",
+                (now, op.agent, json.dumps(op.ids)),
             ).rowcount
         if n:
             c.execute("UPDATE agents SET unread = unread - ? WHERE name = ?", (n, op.agent))
+            self._unread[op.agent] -= n
         return n
 
     def _purge(self, op: Purge) -> int:

@@ -1,25 +1,30 @@
 """The native transport: JSON-RPC 2.0, one object per line.
 
-One reader task per connection decodes lines and starts each request in read
-order; a request that writes is queued for the writer before the next line is
-read, so pipelined sends commit in the order they were written. Waiting (for
-a commit or a long-poll) happens in the request's own task, so replies may
-return out of order. One sender task owns the socket's write side.
+Per connection, one reader task decodes lines in order. A write (send, ack)
+is checked and queued for the writer before the next line is read, so
+pipelined sends commit in the order they were written; its reply is queued at
+once as an ``_Awaiting`` that the sender task renders when the commit resolves
+it (no task per write). Reads (inbox, long-polls, agents, stats, ping) run in
+tasks of their own, so their replies may come back out of order. One sender
+task owns the socket's write side and coalesces ready replies into one write.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import trio
 
-from .core import Bus
+from .core import Bus, send_result
 from .errors import BusError, Reason
 from .framing import MAX_LINE, LineBuffer, LineTooLong
+from .store import Pending
 from .wire import (
     PARAMS_DECODERS,
+    AckResult,
     AuthParams,
     ErrorObject,
     ErrorResponse,
@@ -51,9 +56,8 @@ CODES: dict[Reason, int] = {
     Reason.UNAVAILABLE: -32053,
 }
 
-WRITES = frozenset({"send", "inbox", "ack"})  # methods that take task_status
 MAX_INFLIGHT = 256  # requests of one connection awaiting their reply
-OUTBOX = 64  # encoded replies waiting for the socket
+OUTBOX = 256  # replies (or writes awaiting their commit) queued for the socket
 WRITE_TIMEOUT = 30.0  # a client that does not read its replies for this long is dropped
 IDLE_TIMEOUT = 900.0  # a connection with nothing in flight and nothing said is closed
 RECV_SIZE = 65536
@@ -86,10 +90,10 @@ class JsonLinesConnection:
         self.cid = cid
         self.who = bus.anonymous()
         self._inflight = trio.Semaphore(MAX_INFLIGHT)
-        self._out: trio.MemorySendChannel[bytes] | None = None
+        self._out: trio.MemorySendChannel[bytes | _Awaiting] | None = None
 
     async def run(self, first: bytes) -> None:
-        out, out_recv = trio.open_memory_channel[bytes](OUTBOX)
+        out, out_recv = trio.open_memory_channel[bytes | _Awaiting](OUTBOX)
         async with trio.open_nursery() as conn:
             conn.start_soon(self._send_loop, out_recv, conn.cancel_scope)
             async with out:
@@ -157,20 +161,32 @@ class JsonLinesConnection:
                 return
             await self._reply(_result_line(req.id, OkResult()))
             return
+        if req.method in WRITES:
+            # Queued for the writer before the next line is read; the reply
+            # is rendered by the sender task once the commit resolves it.
+            try:
+                pending = await WRITES[req.method](self.bus, self.who, params)
+            except BusError as e:
+                await self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message, **e.data))
+                return
+            await self._reply(_Awaiting(req.id, pending, RENDER[req.method]))
+            return
         await self._inflight.acquire()
-        await requests.start(self._call, req.id, req.method, params)
+        if req.method == "inbox":  # its ack, if any, is queued before we go on
+            await requests.start(self._call, req.id, req.method, params)
+        else:
+            requests.start_soon(self._call, req.id, req.method, params)
 
     async def _call(
         self, rid: RequestId, method: str, params: Any, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         once = _Once(task_status)
         try:
-            fn = getattr(self.bus, method)
-            if method in WRITES:
-                result = await fn(self.who, params, task_status=once)
+            if method == "inbox":
+                result = await self.bus.inbox(self.who, params, task_status=once)
             else:
                 once.started()
-                result = await fn(self.who)
+                result = await getattr(self.bus, method)(self.who)
             line = _result_line(rid, result)
         except BusError as e:
             line = error_line(rid, CODES[e.reason], e.reason, e.message, **e.data)
@@ -182,19 +198,32 @@ class JsonLinesConnection:
             self._inflight.release()
         await self._reply(line)
 
-    async def _reply(self, line: bytes) -> None:
+    async def _reply(self, item: bytes | _Awaiting) -> None:
         assert self._out is not None
-        await self._out.send(line)
+        await self._out.send(item)
 
-    async def _send_loop(self, out: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope) -> None:
+    async def _send_loop(self, out: trio.MemoryReceiveChannel[bytes | _Awaiting], scope: trio.CancelScope) -> None:
+        """Write replies in the order they were queued, coalescing those that
+        are ready into one write; a reply awaiting its commit waits here."""
+        held: bytes | _Awaiting | None = None
         try:
-            async for line in out:
-                chunks = [line]
-                while True:  # coalesce what is ready into one write
+            while True:
+                if held is None:
                     try:
-                        chunks.append(out.receive_nowait())
+                        held = await out.receive()
+                    except trio.EndOfChannel:
+                        return
+                chunks = [await _render(held)]
+                held = None
+                while True:
+                    try:
+                        item = out.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    if isinstance(item, _Awaiting) and not item.pending.done.is_set():
+                        held = item
+                        break
+                    chunks.append(await _render(item))
                 with trio.fail_after(WRITE_TIMEOUT):
                     await self.stream.send_all(b"".join(chunks))
         except trio.TooSlowError:
@@ -202,6 +231,33 @@ class JsonLinesConnection:
             scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()
+
+
+class _Awaiting:
+    """A reply that is due once the writer resolves ``pending``."""
+
+    __slots__ = ("rid", "pending", "render")
+
+    def __init__(self, rid: RequestId, pending: Pending, render: Callable[[Any], Any]) -> None:
+        self.rid = rid
+        self.pending = pending
+        self.render = render
+
+
+async def _render(item: bytes | _Awaiting) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    try:
+        return _result_line(item.rid, item.render(await item.pending.result()))
+    except BusError as e:
+        return error_line(item.rid, CODES[e.reason], e.reason, e.message, **e.data)
+
+
+WRITES: dict[str, Callable[[Bus, str | None, Any], Awaitable[Pending]]] = {
+    "send": Bus.submit_send,
+    "ack": Bus.submit_ack,
+}
+RENDER: dict[str, Callable[[Any], Any]] = {"send": send_result, "ack": AckResult}
 
 
 def _result_line(rid: RequestId, result: Any) -> bytes:
