@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -111,6 +112,8 @@ class HttpConnection:
                     length = _content_length(event)
                     if length is not None and length > self.max_request:
                         raise TooLarge(f"request body over {self.max_request} bytes")
+                    if self.h11.they_are_waiting_for_100_continue:  # curl does, for bodies over 1 KiB
+                        await self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > self.max_request:
@@ -175,17 +178,20 @@ class HttpConnection:
         if close:
             hdrs.append(("connection", "close"))
         try:
-            data = self.h11.send(h11.Response(status_code=status, headers=hdrs))
+            data = self.h11.send(h11.Response(status_code=status, headers=hdrs, reason=HTTPStatus(status).phrase))
             data += self.h11.send(h11.Data(data=payload)) or b""
             data += self.h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             return False
+        return await self._write(data) and not close
+
+    async def _write(self, data: bytes) -> bool:
         try:
             with trio.fail_after(WRITE_TIMEOUT):
                 await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             return False
-        return not close
+        return True
 
 
 class _Closed(Exception):
