@@ -44,7 +44,8 @@ async def run(
     """Serve until SIGTERM or SIGINT (or until ``stop`` is set), then stop
     accepting, commit and answer what is in flight, close the database."""
     tokens = Tokens.from_config(config)
-    stop = stop or trio.Event()
+    if stop is None:
+        stop = trio.Event()
     async with open_store(
         config.db, inbox_cap=config.inbox_cap, strict=config.strict, synchronous=config.synchronous
     ) as store:

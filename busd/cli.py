@@ -1,4 +1,5 @@
-"""``busd <command>``: argparse -> Config -> trio.run. Logging is set up here
+"""``busd <command>``: argparse -> Config -> trio.run for ``serve``; the client
+commands (send, inbox, tail, ...) live in ``commands``. Logging is set up here
 and nowhere else."""
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import sqlite3
 import sys
 from typing import Any
 
-import trio
-
-from . import __version__, app
+from . import __version__, commands
 from .config import ConfigError, load
-from .db import SchemaError
+from .db import UnusableDatabase
 
 
 def _serve_parser(sub: Any) -> None:
@@ -57,6 +56,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"busd: {e}", file=sys.stderr)
         return 2
+    import trio  # here, not at the top: the client commands start faster without it
+
+    from . import app
+
     logging.basicConfig(
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -64,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(app.run, config)
     except Exception as e:
-        return _startup_failure(_leaf(e))
+        return _startup_failure(_leaf(e), config.db)
     return 0
 
 
@@ -75,15 +78,15 @@ def _leaf(e: BaseException) -> BaseException:
     return e
 
 
-def _startup_failure(e: BaseException) -> int:
+def _startup_failure(e: BaseException, db_path: str) -> int:
     if isinstance(e, ConfigError):
         print(f"busd: {e}", file=sys.stderr)
         return 2
-    if isinstance(e, (SchemaError, OSError)):
+    if isinstance(e, (UnusableDatabase, OSError)):
         print(f"busd: {e}", file=sys.stderr)
         return 1
     if isinstance(e, sqlite3.Error):  # locked, read-only, corrupt
-        print(f"busd: cannot open the database: {e}", file=sys.stderr)
+        print(f"busd: cannot use the database {os.path.abspath(db_path)}: {e}", file=sys.stderr)
         return 1
     raise e
 
@@ -95,10 +98,17 @@ def _raise_fd_limit() -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="busd", description="A small, durable message bus for AI agents.")
+    p = argparse.ArgumentParser(
+        prog="busd",
+        description="A small, durable message bus for AI agents.",
+        epilog="Client commands read BUSD_URL (host:port or http://host:port, default localhost:7700), "
+        "BUSD_TOKEN and BUSD_AGENT (the default sender and inbox). Exit codes: 0 ok (or queued in the outbox), "
+        "2 usage, 3 bus unreachable, 4 refused by the bus.",
+    )
     p.add_argument("--version", action="version", version=f"busd {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
+    commands.add_parsers(sub)
     return p
 
 

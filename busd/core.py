@@ -127,12 +127,12 @@ class Bus:
     async def _wait_for_mail(self, agent: str, limit: int, wait: float) -> list[db.InboxRow]:
         deadline = trio.current_time() + wait
         while True:
-            arrived = self.store.mailboxes.event(agent)  # before the read: no lost wake-up
-            rows = await self.store.read(db.read_inbox, agent, limit)
-            if rows or self.closing or trio.current_time() >= deadline:
-                return rows
-            with trio.move_on_at(deadline):
-                await arrived.wait()
+            with self.store.mailboxes.watch(agent) as arrived:  # before the read: no lost wake-up
+                rows = await self.store.read(db.read_inbox, agent, limit)
+                if rows or self.closing or trio.current_time() >= deadline:
+                    return rows
+                with trio.move_on_at(deadline):
+                    await arrived.wait()
 
     async def submit_ack(self, who: str | None, p: AckParams) -> Pending:
         """Check an ack and queue it; the Pending resolves to the count newly read."""

@@ -12,6 +12,7 @@ Tables
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import sqlite3
@@ -59,8 +60,8 @@ MIGRATIONS: list[str] = [
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
-class SchemaError(Exception):
-    """The database cannot be used by this version of busd."""
+class UnusableDatabase(Exception):
+    """The database cannot be used: busy, foreign, or from a newer busd."""
 
 
 def timestamp(t: float | None = None) -> str:
@@ -74,36 +75,58 @@ def timestamp(t: float | None = None) -> str:
 # ---- connections ------------------------------------------------------------
 
 
+def lock_exclusive(path: str) -> int:
+    """Claim the database for this process: an flock held on the file until
+    the returned descriptor is closed (after every SQLite connection to it).
+    A second busd on the same file fails here, at start-up."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UnusableDatabase(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UnusableDatabase(f"{path}: another busd is using this database") from None
+    return fd
+
+
 def open_writer(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
-    """The one read-write connection: WAL, fsync on every commit, schema
-    brought up to date. Raises SchemaError or sqlite3.Error."""
+    """The one read-write connection: schema checked (before anything is
+    written), WAL, fsync on every commit, schema brought up to date.
+    Raises UnusableDatabase or sqlite3.Error."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 2000")
+        version = check_schema(conn, path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
-            raise SchemaError(f"{path}: cannot switch to WAL (journal_mode={mode})")
+            raise UnusableDatabase(f"{path}: cannot switch to WAL (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        conn.execute("PRAGMA foreign_keys = OFF")
-        migrate(conn, path)
-        # Take the write lock once now, so a second daemon on the same file
-        # fails at start-up instead of at its first send.
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("COMMIT")
+        migrate(conn, version)
+        # A real write now, so a read-only database fails at start-up rather
+        # than at the first send.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-def migrate(conn: sqlite3.Connection, path: str) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+def check_schema(conn: sqlite3.Connection, path: str) -> int:
+    """The database's schema version, if this busd can use it (reads only)."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
-        raise SchemaError(
+        raise UnusableDatabase(
             f"{path}: schema version {version} is newer than this busd understands ({SCHEMA_VERSION})"
         )
     if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-        raise SchemaError(f"{path}: not a busd database (it has tables but no busd schema version)")
+        raise UnusableDatabase(f"{path}: not a busd database (it has tables but no busd schema version)")
+    return version
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Apply MIGRATIONS[version:], each in its own transaction."""
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -140,7 +140,7 @@ class HttpConnection:
             return HTTP_STATUS[e.reason], error_body(e.reason, e.message, retry_after), headers
         except Exception:
             log.exception("conn=%d %s %s failed", self.cid, request.method, request.target)
-            return 500, error_body(Reason.UNAVAILABLE, "internal error"), []
+            return HTTP_STATUS[Reason.UNAVAILABLE], error_body(Reason.UNAVAILABLE, "internal error"), []
 
     async def _route(self, request: h11.Request, body: bytes) -> Any:
         url = urlsplit(request.target.decode("latin-1"))

@@ -42,7 +42,6 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
 
 # The contract's reasons as JSON-RPC error codes; ``data.reason`` names them too.
 CODES: dict[Reason, int] = {
@@ -192,7 +191,7 @@ class JsonLinesConnection:
             line = error_line(rid, CODES[e.reason], e.reason, e.message, **e.data)
         except Exception:
             log.exception("conn=%d %s failed", self.cid, method)
-            line = error_line(rid, INTERNAL_ERROR, Reason.UNAVAILABLE, "internal error")
+            line = error_line(rid, CODES[Reason.UNAVAILABLE], Reason.UNAVAILABLE, "internal error")
         finally:
             once.started()
             self._inflight.release()

@@ -6,10 +6,11 @@ the writer fires right after each commit."""
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -45,17 +46,28 @@ class Pending:
 
 
 class Mailboxes:
-    """One event per agent that somebody is waiting on. Take the event before
-    reading the inbox; a commit that lands after the read sets it."""
+    """Wake-ups for long-polls, one event per agent being watched. Watch
+    before reading the inbox; a commit that lands after the read sets the
+    event. An agent's event is dropped when its last watcher leaves."""
 
     def __init__(self) -> None:
         self._events: dict[str, trio.Event] = {}
+        self._watchers: dict[str, int] = {}
 
-    def event(self, agent: str) -> trio.Event:
+    @contextmanager
+    def watch(self, agent: str) -> Iterator[trio.Event]:
         ev = self._events.get(agent)
         if ev is None:
             ev = self._events[agent] = trio.Event()
-        return ev
+        self._watchers[agent] = self._watchers.get(agent, 0) + 1
+        try:
+            yield ev
+        finally:
+            left = self._watchers.pop(agent) - 1
+            if left:
+                self._watchers[agent] = left
+            else:
+                self._events.pop(agent, None)
 
     def wake(self, agent: str) -> None:
         ev = self._events.pop(agent, None)
@@ -68,7 +80,8 @@ class Mailboxes:
             ev.set()
 
     def __len__(self) -> int:
-        return len(self._events)
+        """Long-polls in progress."""
+        return sum(self._watchers.values())
 
 
 class Store:
@@ -162,14 +175,15 @@ class Store:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on a read-only connection in a thread."""
         async with self._read_limiter:
-            conn = self._readers.pop() if self._readers else db.open_reader(self.path)
+            conn = None
             try:
+                conn = self._readers.pop() if self._readers else db.open_reader(self.path)
                 result = await trio.to_thread.run_sync(fn, conn, *args)
-            except sqlite3.Error as e:
-                conn.close()
-                raise BusError(Reason.UNAVAILABLE, f"database error: {e}") from None
-            except BaseException:
-                conn.close()
+            except BaseException as e:
+                if conn is not None:
+                    conn.close()
+                if isinstance(e, sqlite3.Error):
+                    raise BusError(Reason.UNAVAILABLE, f"database error: {e}") from None
                 raise
             self._readers.append(conn)
             return result
@@ -191,7 +205,12 @@ async def open_store(path: str, *, inbox_cap: int, strict: bool, synchronous: st
     """Open the database and run the writer task for the life of the block.
     On exit the queue is closed, the writer commits what is queued, and the
     connections close."""
-    conn = await trio.to_thread.run_sync(db.open_writer, path, synchronous)
+    lock = await trio.to_thread.run_sync(db.lock_exclusive, path)
+    try:
+        conn = await trio.to_thread.run_sync(db.open_writer, path, synchronous)
+    except BaseException:
+        os.close(lock)
+        raise
     writer = db.Writer(conn, inbox_cap=inbox_cap, strict=strict)
     send, receive = trio.open_memory_channel[Pending](QUEUE_SIZE)
     store = Store(path, writer, send)
@@ -207,3 +226,4 @@ async def open_store(path: str, *, inbox_cap: int, strict: bool, synchronous: st
         for r in store._readers:
             r.close()
         conn.close()
+        os.close(lock)  # only now: closing it earlier could drop SQLite's own locks

@@ -200,7 +200,7 @@ def test_schema_version_newer_is_refused(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {db.SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(db.SchemaError, match="newer"):
+    with pytest.raises(db.UnusableDatabase, match="newer"):
         db.open_writer(path)
 
 
