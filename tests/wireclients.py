@@ -4,10 +4,10 @@ to plain dicts, so the tests check the wire itself and not busd's own types."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import h11
 import trio
@@ -33,6 +33,9 @@ class JsonLinesClient:
 
     async def send_raw(self, data: bytes) -> None:
         await self.stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
 
     async def read_line(self) -> bytes | None:
         """The next line from the server, or None at EOF."""
@@ -144,15 +147,50 @@ class HttpClient:
         return await self.request("POST", target, body=json.dumps(obj).encode(), **kw)
 
 
+# The contract's table: error code -> HTTP status.
+HTTP_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "rate_limited": 429,
+    "inbox_full": 507,
+    "unavailable": 503,
+}
+
+
 class Refused(Exception):
     """A request the bus refused: ``reason`` is the contract's error code;
-    ``status`` the HTTP status or the JSON-RPC code; ``data`` the rest."""
+    ``status`` the HTTP status or the JSON-RPC code; ``data`` the rest
+    (HTTP: the ``error`` object plus ``headers``; JSON lines: the ``error``
+    object); ``retry_after`` from wherever the transport puts it."""
 
-    def __init__(self, reason: str, status: int, data: dict[str, Any]) -> None:
+    def __init__(self, reason: str, status: int, data: dict[str, Any], transport: str = "") -> None:
         super().__init__(f"{reason} ({status}): {data}")
         self.reason = reason
         self.status = status
         self.data = data
+        self.transport = transport
+
+    @property
+    def retry_after(self) -> Any:
+        if self.transport == "jsonl":
+            return self.data["data"].get("retry_after")
+        return self.data.get("retry_after")
+
+
+async def refusal(aw: Awaitable[Any], reason: str) -> Refused:
+    """Await a request that must be refused with ``reason``; over HTTP the
+    status must be the contract's for that reason. Returns the refusal."""
+    try:
+        result = await aw
+    except Refused as e:
+        assert e.reason == reason, e
+        if e.transport == "http":
+            assert e.status == HTTP_STATUS[reason], e
+        return e
+    raise AssertionError(f"expected {reason}, got success: {result!r}")
 
 
 class Transport:
@@ -167,6 +205,13 @@ class Transport:
     async def inbox(self, agent: str, **query: Any) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    async def ack(self, agent: str, up_to: int) -> Any:
+        """Cumulative ack, the transport's own way."""
+        raise NotImplementedError
+
+    async def auth(self, token: str) -> Any:
+        raise NotImplementedError
+
 
 class JsonLinesTransport(Transport):
     name = "jsonl"
@@ -179,7 +224,8 @@ class JsonLinesTransport(Transport):
         assert reply["jsonrpc"] == "2.0"
         if "error" in reply:
             err = reply["error"]
-            raise Refused(err["data"]["reason"], err["code"], err)
+            assert isinstance(err["code"], int) and isinstance(err["message"], str), reply
+            raise Refused(err["data"]["reason"], err["code"], err, "jsonl")
         return reply["result"]
 
     async def auth(self, token: str) -> Any:
@@ -192,6 +238,25 @@ class JsonLinesTransport(Transport):
         result = await self._call("inbox", {"agent": agent, **query})
         return result["messages"]
 
+    async def ack(self, agent: str, up_to: int | None = None, ids: list[int] | None = None) -> int:
+        """The ``ack`` method; returns ``acked``."""
+        params: dict[str, Any] = {"agent": agent}
+        if up_to is not None:
+            params["up_to"] = up_to
+        if ids is not None:
+            params["ids"] = ids
+        result = await self._call("ack", params)
+        return result["acked"]
+
+    async def agents(self) -> list[dict[str, Any]]:
+        return (await self._call("agents", {}))["agents"]
+
+    async def ping(self) -> dict[str, Any]:
+        return await self._call("ping", {})
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._call("stats", {})
+
 
 class HttpTransport(Transport):
     name = "http"
@@ -203,11 +268,12 @@ class HttpTransport(Transport):
         body = resp.json()
         assert resp.headers.get("content-type", "").startswith("application/json")
         if resp.status != 200:
-            assert body["ok"] is False, body
+            assert body["ok"] is False and set(body) == {"ok", "error"}, body
             err = body["error"]
+            assert isinstance(err["code"], str) and isinstance(err["message"], str), body
             data = dict(err)
             data["headers"] = resp.headers
-            raise Refused(err["code"], resp.status, data)
+            raise Refused(err["code"], resp.status, data, "http")
         assert body["ok"] is True
         return body
 
@@ -221,12 +287,16 @@ class HttpTransport(Transport):
         return body
 
     async def inbox(self, agent: str, **query: Any) -> list[dict[str, Any]]:
-        target = f"/api/inbox/{agent}"
+        target = f"/api/inbox/{quote(agent, safe='')}"
         if query:
             target += "?" + urlencode(query)
         body = self._check(await self.client.get(target))
         assert body["agent"] == agent
         return body["messages"]
+
+    async def ack(self, agent: str, up_to: int) -> None:
+        """``GET /api/inbox/<agent>?ack=N``: HTTP has no ack count."""
+        await self.inbox(agent, ack=up_to)
 
 
 def _wire_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -247,3 +317,118 @@ async def jsonl_transport(port: int) -> AsyncIterator[JsonLinesTransport]:
 async def http_transport(port: int) -> AsyncIterator[HttpTransport]:
     async with HttpClient(port) as c:
         yield HttpTransport(c)
+
+
+# ---- raw bytes ----------------------------------------------------------------
+
+
+async def read_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    data = b""
+    while True:
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def exchange_raw(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
+    """Connect, write ``data``, half-close, return all the server says before
+    it closes the connection."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        try:
+            await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass  # the server may close before reading everything
+        return await read_until_eof(stream)
+
+
+def parse_http_responses(data: bytes) -> list[HttpResponse]:
+    """Split raw bytes into the HTTP responses they hold (h11, client side)."""
+    out = []
+    while data:
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+        conn.receive_data(data)
+        status, headers, body = 0, {}, b""
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"incomplete HTTP response: {data[:200]!r}")
+        out.append(HttpResponse(status, headers, body))
+        data = conn.trailing_data[0]
+    return out
+
+
+def http_request_bytes(method: str, target: str, body: bytes | None = None, token: str | None = None) -> bytes:
+    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n"
+    if token is not None:
+        head += f"Authorization: Bearer {token}\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+def pipelined_sends(recipients: list[str], sender: str = "a") -> bytes:
+    """JSON lines: one ``send`` per recipient, request ids and bodies 0, 1, 2, ..."""
+    lines = [
+        {"id": i, "method": "send", "params": {"from": sender, "to": to, "body": str(i)}}
+        for i, to in enumerate(recipients)
+    ]
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+# ---- helpers on a running bus -------------------------------------------------
+
+
+async def wait_for_waiters(port: int, n: int = 1, token: str | None = None) -> None:
+    """Return once the bus reports ``n`` long-polls waiting (``stats``)."""
+    async with jsonl_transport(port) as t:
+        if token is not None:
+            await t.auth(token)
+        while (await t.stats())["waiters"] < n:
+            await trio.sleep(0.01)
+
+
+class Witness:
+    """A message sent (and acknowledged) before some abuse; ``check`` then
+    proves, over both transports on fresh connections, that the bus still
+    serves and still holds every acknowledged witness message."""
+
+    AGENT = "keeper"
+
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.token = token
+        self.ids: list[int] = []
+
+    async def plant(self) -> Witness:
+        async with jsonl_transport(self.port) as t:
+            await self._plant_with(t)
+        return self
+
+    async def _plant_with(self, t: Transport) -> None:
+        if self.token is not None:
+            await t.auth(self.token)
+        r = await t.send(from_="witness", to=self.AGENT, body=f"witness {len(self.ids)}")
+        self.ids.append(r["id"])
+
+    async def check(self) -> None:
+        for factory in (jsonl_transport, http_transport):
+            async with factory(self.port) as t:
+                await self._plant_with(t)
+                got = [m["id"] for m in await t.inbox(self.AGENT, limit=1000)]
+                assert got == self.ids, (t.name, got, self.ids)
