@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 from msgspec import UNSET
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY = 10.0  # seconds between flushes of last-seen times
 PURGE_EVERY = 3600.0  # seconds between retention sweeps
+READ_GRACE = 0.25  # seconds connections may go on reading after shutdown begins
 
 
 class Bus:
@@ -58,6 +61,8 @@ class Bus:
         self._seen_at: dict[str, float] = {}  # not yet written to the database
         self._started = time.time()
         self.closing = False
+        self._reading: set[trio.CancelScope] = set()
+        self._read_deadline = math.inf
         self.connections_open = 0
         self.connections_total = 0
         self.requests = 0
@@ -182,9 +187,25 @@ class Bus:
 
     # -- life cycle ------------------------------------------------------------
 
+    @contextmanager
+    def reading(self) -> Iterator[trio.CancelScope]:
+        """Transports wait for request bytes inside this scope. Once ``close``
+        is called it runs out READ_GRACE seconds later: bytes a client has
+        already sent are still read and answered, idle connections end."""
+        scope = trio.CancelScope(deadline=self._read_deadline)
+        self._reading.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._reading.discard(scope)
+
     def close(self) -> None:
-        """Answer every long-poll now; used at shutdown."""
+        """At shutdown: answer every long-poll now, stop reading soon."""
         self.closing = True
+        self._read_deadline = trio.current_time() + READ_GRACE
+        for scope in self._reading:
+            scope.deadline = min(scope.deadline, self._read_deadline)
         self.store.mailboxes.wake_all()
 
     async def run_maintenance(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -95,6 +95,9 @@ def open_writer(path: str, synchronous: str = "FULL") -> sqlite3.Connection:
     """The one read-write connection: schema checked (before anything is
     written), WAL, fsync on every commit, schema brought up to date.
     Raises UnusableDatabase or sqlite3.Error."""
+    if os.path.exists(path) and not os.access(path, os.W_OK, effective_ids=True):
+        # before SQLite opens it: it would leave read-only -wal and -shm files
+        raise UnusableDatabase(f"{path}: read-only (busd must be able to write it)")
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA busy_timeout = 2000")

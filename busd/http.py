@@ -67,7 +67,10 @@ class HttpConnection:
         self.h11.receive_data(first)
         while True:
             try:
-                request, body = await self._read_request()
+                with self.bus.reading() as reading:
+                    request, body = await self._read_request()
+                if reading.cancelled_caught:  # shutting down
+                    return
             except _Closed:
                 return
             except TooLarge as e:

@@ -115,12 +115,14 @@ class JsonLinesConnection:
                 await self._handle_line(line, requests)
             data = b""
             while not data:
-                with trio.move_on_after(IDLE_TIMEOUT) as idle:
+                with self.bus.reading() as reading, trio.move_on_after(IDLE_TIMEOUT) as idle:
                     try:
                         data = await self.stream.receive_some(RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         requests.cancel_scope.cancel()  # the peer is gone: drop its requests
                         return
+                if reading.cancelled_caught:
+                    return  # shutting down: answer what is in flight, then close
                 if not idle.cancelled_caught:
                     if not data:
                         return  # EOF: answer what is in flight, then close
