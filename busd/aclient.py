@@ -124,9 +124,9 @@ class AsyncClient(_Base):
                 return await self._queue(params, e)
 
     async def inbox(
-        self, agent: str | None = None, *, wait: float = 0.0, limit: int = 100, ack: int = 0
+        self, agent: str | None = None, *, wait: float = 0.0, limit: int = 100, ack: int = 0, after: int = 0
     ) -> list[Message]:
-        params = self._inbox_params(agent, wait, limit, ack)
+        params = self._inbox_params(agent, wait, limit, ack, after)
         await self._flush_first()
         result: InboxResult = await self._call("inbox", params, wait=wait)
         return result.messages

@@ -421,8 +421,8 @@ class _Base:
             raise BusClientError(Reason.TOO_LARGE, f"send of {size} bytes is over the 1 MiB line limit", key=params.key)
         return params
 
-    def _inbox_params(self, agent: str | None, wait: float, limit: int, ack: int) -> InboxParams:
-        return InboxParams(agent=self._name(agent, "agent"), ack=ack, limit=limit, wait=wait)
+    def _inbox_params(self, agent: str | None, wait: float, limit: int, ack: int, after: int) -> InboxParams:
+        return InboxParams(agent=self._name(agent, "agent"), ack=ack, limit=limit, wait=wait, after=after)
 
     def _ack_params(self, up_to: int | None, ids: list[int] | None, agent: str | None) -> AckParams:
         if up_to is None and ids is None:
@@ -562,11 +562,13 @@ class Client(_Base):
             with self._outbox_lock:
                 return self._queue(params, e)
 
-    def inbox(self, agent: str | None = None, *, wait: float = 0.0, limit: int = 100, ack: int = 0) -> list[Message]:
+    def inbox(
+        self, agent: str | None = None, *, wait: float = 0.0, limit: int = 100, ack: int = 0, after: int = 0
+    ) -> list[Message]:
         """The unread messages of ``agent`` (default: this client's), oldest
         first; with ``wait``, hold on up to that many seconds for one to come.
-        ``ack`` acks up to that id first."""
-        params = self._inbox_params(agent, wait, limit, ack)
+        ``ack`` acks up to that id first; ``after`` skips ids up to it."""
+        params = self._inbox_params(agent, wait, limit, ack, after)
         self._flush_first()
         result: InboxResult = self._call("inbox", params, wait=wait)
         return result.messages

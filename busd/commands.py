@@ -31,7 +31,6 @@ from .wire import AgentInfo, Message, StatsResult
 
 OK, USAGE, UNREACHABLE, REFUSED = 0, 2, 3, 4
 TAIL_WAIT = 30.0  # seconds of one long poll in ``busd tail``
-TAIL_POLL = 1.0  # seconds between polls while unread messages already shown keep the bus from waiting
 TAIL_LIMIT = 1000
 
 
@@ -289,7 +288,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         try:
             while True:
                 try:
-                    messages = c.inbox(agent, wait=TAIL_WAIT, limit=TAIL_LIMIT)
+                    # without --ack, shown messages stay unread: ask only for newer ones
+                    messages = c.inbox(agent, wait=TAIL_WAIT, limit=TAIL_LIMIT, after=0 if args.ack else shown)
                 except BusUnreachable as e:
                     if not down:
                         _note(f"{e}; still trying")
@@ -299,14 +299,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 if down:
                     _note(f"reconnected to {c.bus}")
                     down = False
-                new = [m for m in messages if m.id > shown]
-                _print_messages(new, args.json)
-                if new:
-                    shown = new[-1].id
-                if args.ack and messages:
-                    c.ack(messages[-1].id, agent=agent)
-                elif messages:
-                    time.sleep(TAIL_POLL)  # unread ones already shown: the bus would answer at once
+                _print_messages(messages, args.json)
+                if messages:
+                    shown = messages[-1].id
+                    if args.ack:
+                        c.ack(shown, agent=agent)
         except KeyboardInterrupt:
             return OK
 

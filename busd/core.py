@@ -126,14 +126,14 @@ class Bus:
         task_status.started()
         if pending is not None:
             await pending.result()
-        rows = await self._wait_for_mail(agent, p.limit, p.wait)
+        rows = await self._wait_for_mail(agent, p.limit, p.wait, p.after)
         return InboxResult(agent, [_message(r) for r in rows])
 
-    async def _wait_for_mail(self, agent: str, limit: int, wait: float) -> list[db.InboxRow]:
+    async def _wait_for_mail(self, agent: str, limit: int, wait: float, after: int) -> list[db.InboxRow]:
         deadline = trio.current_time() + wait
         while True:
             with self.store.mailboxes.watch(agent) as arrived:  # before the read: no lost wake-up
-                rows = await self.store.read(db.read_inbox, agent, limit)
+                rows = await self.store.read(db.read_inbox, agent, limit, after)
                 if rows or self.closing or trio.current_time() >= deadline:
                     return rows
                 with trio.move_on_at(deadline):

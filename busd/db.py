@@ -363,12 +363,13 @@ class Writer:
 InboxRow = tuple[int, str, str, str, str, str, "int | None"]
 
 
-def read_inbox(conn: sqlite3.Connection, agent: str, limit: int) -> list[InboxRow]:
+def read_inbox(conn: sqlite3.Connection, agent: str, limit: int, after: int = 0) -> list[InboxRow]:
+    """Unread messages of ``agent`` with ids above ``after``, oldest first."""
     return conn.execute(
         "SELECT m.id, m.sender, m.recipient, m.subject, m.body, m.ts, m.reply_to "
         "FROM inbox i JOIN messages m ON m.id = i.message_id "
-        "WHERE i.agent = ? AND i.read_at IS NULL ORDER BY i.message_id LIMIT ?",
-        (agent, limit),
+        "WHERE i.agent = ? AND i.read_at IS NULL AND i.message_id > ? ORDER BY i.message_id LIMIT ?",
+        (agent, after, limit),
     ).fetchall()
 
 

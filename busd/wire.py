@@ -47,6 +47,7 @@ class InboxParams(Struct, kw_only=True):
     ack: Annotated[int, Meta(ge=0)] = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     wait: Annotated[float, Meta(ge=0, le=60)] = 0.0
+    after: Annotated[int, Meta(ge=0)] = 0  # only messages with a larger id (for followers that don't ack)
 
 
 class AckParams(Struct, kw_only=True):
