@@ -1065,6 +1065,7 @@ def run_load(
     procs: list[Any] = []
     pipes: list[Any] = []
     spy: subprocess.Popen[bytes] | None = None
+    states: ThreadStates | None = None
     try:
         for w in range(workers):
             parent, child = ctx.Pipe()
@@ -1105,6 +1106,7 @@ def run_load(
         time.sleep(max(0.0, go - time.monotonic()))
         cpu0, th0, wk0, t0 = target.cpu_s(), target.threads_cpu_s(), target.wakeups(), time.monotonic()
         stats0 = target.stats()
+        states = ThreadStates(target.daemon.pid).start() if args_thread_states(args) and target.daemon else None
         if profile:
             spy = _start_py_spy(target, profile, window or 10.0, getattr(args, "profile_gil", False))
         if end is not None:
@@ -1120,12 +1122,16 @@ def run_load(
             _expect(pipes, procs, "loaded", timeout=600)
             cpu1, th1, wk1, t1 = target.cpu_s(), target.threads_cpu_s(), target.wakeups(), time.monotonic()
             stats1 = target.stats()
+        thread_states = states.stop() if states else None
+        states = None
         rss_peak, rss_now = target.rss_peak_mb(), target.rss_mb()
         results = _expect(pipes, procs, "result", timeout=300)
         if spy is not None:
             spy.wait(60)
             spy = None
     finally:
+        if states is not None:
+            states.stop()
         if spy is not None and spy.poll() is None:
             spy.terminate()
         for p in procs:
@@ -1155,6 +1161,8 @@ def run_load(
         "verification": merge_verifications(r["verification"] for r in results),
         "errors": dict(sum((Counter(r.get("errors", {})) for r in results), Counter())),
     }
+    if thread_states:
+        out["thread_states"] = thread_states
     if mode in ("closed", "open"):
         acked = sum(r["acked"] for r in results)
         send_lat = [x for r in results for x in r["send_lat"]]
@@ -1192,6 +1200,10 @@ def run_load(
     return out
 
 
+def args_thread_states(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "thread_states", False))
+
+
 def _expect(pipes: list[Any], procs: list[Any], what: str, timeout: float) -> list[Any]:
     """One ``what`` message from every worker, in worker order."""
     got: dict[int, Any] = {}
@@ -1215,6 +1227,51 @@ def _expect(pipes: list[Any], procs: list[Any], what: str, timeout: float) -> li
         if time.monotonic() > deadline:
             raise BenchError(f"workers did not report {what!r} within {timeout:.0f}s")
     return [got[i] for i in range(len(pipes))]
+
+
+class ThreadStates:
+    """An off-CPU view of the daemon: every ``interval`` seconds, the state
+    (R running or runnable, S sleeping, D waiting on I/O) and kernel wait
+    channel of each of its threads, from /proc, in a background thread."""
+
+    def __init__(self, pid: int, interval: float = 0.0005) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.counts: Counter = Counter()
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> ThreadStates:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[tuple[str, float]]:
+        self._stop.set()
+        self._thread.join(5)
+        n = max(1, self.rounds)
+        return [(" ".join(k), 100 * v / n) for k, v in self.counts.most_common(12)]
+
+    def _run(self) -> None:
+        base = f"/proc/{self.pid}/task"
+        while not self._stop.wait(self.interval):
+            try:
+                tids = os.listdir(base)
+            except OSError:
+                return
+            for tid in tids:
+                try:
+                    with open(f"{base}/{tid}/stat") as f:
+                        st = f.read()
+                    with open(f"{base}/{tid}/comm") as f:
+                        name = f.read().strip()
+                    with open(f"{base}/{tid}/wchan") as f:
+                        wchan = f.read().strip()
+                except OSError:
+                    continue
+                who = "main" if int(tid) == self.pid else f"thread:{name.split(' from ')[0]}"
+                self.counts[(who, st[st.rindex(")") + 2], wchan or "-")] += 1
+            self.rounds += 1
 
 
 def _py_spy() -> str:
@@ -1315,7 +1372,7 @@ def profile_summary(path: str, top: int = 25) -> str:
 # ---- the machine ------------------------------------------------------------------
 
 
-def commit_probe(directory: Path, n: int = 200) -> dict[str, float]:
+def commit_probe(directory: Path, n: int = 100) -> dict[str, float]:
     """What one durable commit costs here right now: 1-row commits in WAL
     with synchronous=FULL (an fsync each), and rows/s of 1,000-row commits."""
     path = directory / f"probe-{os.getpid()}.db"
@@ -1332,11 +1389,11 @@ def commit_probe(directory: Path, n: int = 200) -> dict[str, float]:
         one = (time.perf_counter() - t) / n
         rows = [(i,) for i in range(1000)]
         t = time.perf_counter()
-        for _ in range(20):
+        for _ in range(10):
             c.execute("BEGIN")
             c.executemany("INSERT INTO t VALUES (?)", rows)
             c.execute("COMMIT")
-        per_s = 20_000 / (time.perf_counter() - t)
+        per_s = 10_000 / (time.perf_counter() - t)
         c.close()
     finally:
         for suffix in ("", "-wal", "-shm"):
@@ -1444,6 +1501,11 @@ def describe(r: dict[str, Any]) -> str:
     if "cpu_us_per_send" in sv:
         lines.append(f"  server CPU / send  {_f(sv['cpu_us_per_send'], 0)} µs")
     lines.append(f"  clients            CPU {_f(r['client_cpu_pct'])}% of one core (all processes)")
+    if r.get("thread_states"):
+        lines.append(
+            "  daemon threads     % of samples: state (R running or runnable, S sleeping, D I/O) and wait channel"
+        )
+        lines += [f"    {share:5.1f}%  {what}" for what, share in r["thread_states"]]
     if r["errors"]:
         lines.append(f"  errors             {r['errors']}")
     v = r["verification"]
@@ -1913,6 +1975,11 @@ def _common(p: argparse.ArgumentParser, agents: int, transport: bool = True) -> 
             "--profile",
             metavar="PATH",
             help="py-spy the daemon during the run (.svg flame graph, .txt raw stacks, .json speedscope)",
+        )
+        p.add_argument(
+            "--thread-states",
+            action="store_true",
+            help="sample the state of each daemon thread from /proc during the run (an off-CPU view)",
         )
         p.add_argument(
             "--profile-gil",

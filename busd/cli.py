@@ -109,10 +109,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     commands.add_parsers(sub)
+    # listed here for --help; main() hands `busd bench ...` to busd.bench whole
+    sub.add_parser("bench", help="load generator and benchmarks (busd bench --help)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from . import bench  # imported on use: it is large and loads trio
+
+        return bench.main(argv[1:])
     args = parser().parse_args(argv)
     return int(args.func(args))
 

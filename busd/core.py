@@ -103,6 +103,8 @@ class Bus:
             raise BusError(Reason.TOO_LARGE, f"body is over {limit} bytes")
         buckets = self._broadcasts if p.to == BROADCAST else self._directs
         wait = buckets.take(p.from_, trio.current_time())
+        if wait and p.key is not None and await self.store.read(db.find_key, p.from_, p.key):
+            wait = 0.0  # a retry of a stored send: the writer answers it as a duplicate
         if wait:
             wait = math.ceil(wait * 1000) / 1000
             kind = "broadcasts" if p.to == BROADCAST else "direct sends"
@@ -214,18 +216,28 @@ class Bus:
         next_purge = trio.current_time()
         while True:
             now = trio.current_time()
-            if now >= next_purge:
-                await self.purge()
-                next_purge = now + PURGE_EVERY
-            await self.flush_seen()
+            try:
+                if now >= next_purge:
+                    await self.purge()
+                    next_purge = now + PURGE_EVERY
+                await self.flush_seen()
+            except BusError as e:  # e.g. a full disk: the next tick tries again
+                log.warning("maintenance postponed: %s", e.message)
             self._broadcasts.forget_full(now)
             self._directs.forget_full(now)
             await trio.sleep(TOUCH_EVERY)
 
     async def flush_seen(self) -> None:
-        if self._seen_at:
-            seen, self._seen_at = self._seen_at, {}
-            await self.store.execute(db.Touch({a: db.timestamp(t) for a, t in seen.items()}))
+        """Write last-seen times (of agents already in the agents table)."""
+        if not self._seen_at:
+            return
+        seen, self._seen_at = self._seen_at, {}
+        try:
+            await self.store.execute(db.Seen({a: db.timestamp(t) for a, t in seen.items()}))
+        except BusError:
+            for agent, t in seen.items():  # keep them for the next try
+                self._seen_at[agent] = max(t, self._seen_at.get(agent, t))
+            raise
 
     async def purge(self) -> int:
         cutoff = db.timestamp(time.time() - self.config.retention_days * 86400)

@@ -197,6 +197,13 @@ class Touch:
 
 
 @dataclass(slots=True)
+class Seen:
+    """Record when agents were last seen; makes nobody known."""
+
+    seen: dict[str, str]
+
+
+@dataclass(slots=True)
 class Purge:
     """Delete read messages read before ``cutoff``; at most ``limit`` inbox rows."""
 
@@ -204,7 +211,7 @@ class Purge:
     limit: int = PURGE_LIMIT
 
 
-Op = Union[Send, Ack, Touch, Purge]
+Op = Union[Send, Ack, Touch, Seen, Purge]
 Outcome = Union[SendDone, int, BusError]
 
 
@@ -264,6 +271,12 @@ class Writer:
         if isinstance(op, Touch):
             for name, seen in op.seen.items():
                 self._make_known(name, seen, force=True)
+            return len(op.seen)
+        if isinstance(op, Seen):
+            self.conn.executemany(
+                "UPDATE agents SET last_seen = coalesce(max(last_seen, ?), ?) WHERE name = ?",
+                [(t, t, name) for name, t in op.seen.items()],
+            )
             return len(op.seen)
         if isinstance(op, Purge):
             return self._purge(op)
@@ -371,6 +384,12 @@ def read_inbox(conn: sqlite3.Connection, agent: str, limit: int, after: int = 0)
         "WHERE i.agent = ? AND i.read_at IS NULL AND i.message_id > ? ORDER BY i.message_id LIMIT ?",
         (agent, after, limit),
     ).fetchall()
+
+
+def find_key(conn: sqlite3.Connection, sender: str, key: str) -> bool:
+    """Whether a send with this key is stored."""
+    row = conn.execute("SELECT 1 FROM messages WHERE sender = ? AND key = ?", (sender, key)).fetchone()
+    return row is not None
 
 
 def list_agents(conn: sqlite3.Connection) -> list[tuple[str, str | None, int]]:

@@ -157,7 +157,7 @@ class HttpConnection:
             who = self.bus.authenticate(_bearer(request))
             try:
                 params: SendParams = send_decoder.decode(body)
-            except msgspec.DecodeError as e:
+            except (msgspec.DecodeError, UnicodeDecodeError) as e:
                 raise BusError(Reason.BAD_REQUEST, f"invalid send body: {e}") from None
             return await self.bus.send(who, params)
         if path.startswith("/api/inbox/"):

@@ -29,6 +29,7 @@ from .wire import (
     ErrorObject,
     ErrorResponse,
     OkResult,
+    Request,
     RequestId,
     Response,
     any_decoder,
@@ -136,23 +137,9 @@ class JsonLinesConnection:
             return
         self.bus.requests += 1
         try:
-            req = request_decoder.decode(line)
-        except msgspec.ValidationError as e:
-            await self._reply(error_line(_fish_id(line), INVALID_REQUEST, Reason.BAD_REQUEST, f"invalid request: {e}"))
-            return
-        except msgspec.DecodeError as e:
-            await self._reply(error_line(None, PARSE_ERROR, Reason.BAD_REQUEST, f"parse error: {e}"))
-            return
-        decoder = PARAMS_DECODERS.get(req.method)
-        if decoder is None:
-            await self._reply(
-                error_line(req.id, METHOD_NOT_FOUND, Reason.BAD_REQUEST, f"unknown method {req.method!r}")
-            )
-            return
-        try:
-            params = decoder.decode(req.params or b"{}")
-        except msgspec.DecodeError as e:
-            await self._reply(error_line(req.id, INVALID_PARAMS, Reason.BAD_REQUEST, f"invalid params: {e}"))
+            req, params = decode_request(line)
+        except InvalidRequest as e:
+            await self._reply(error_line(e.rid, e.code, Reason.BAD_REQUEST, e.message))
             return
         if isinstance(params, AuthParams):  # in line: later requests depend on it
             try:
@@ -265,12 +252,41 @@ def _result_line(rid: RequestId, result: Any) -> bytes:
     return encoder.encode(Response("2.0", rid, result)) + b"\n"
 
 
-def _fish_id(line: bytes) -> RequestId:
-    """The id of a request that is valid JSON but not a valid request."""
+class InvalidRequest(Exception):
+    def __init__(self, rid: RequestId, code: int, message: str) -> None:
+        self.rid = rid
+        self.code = code
+        self.message = message
+
+
+BAD_BYTES = (msgspec.DecodeError, UnicodeDecodeError)  # msgspec lets invalid UTF-8 through as the latter
+
+
+def decode_request(line: bytes) -> tuple[Request, Any]:
+    """The request and its params Struct, or InvalidRequest with the JSON-RPC
+    code: parse error, invalid request, unknown method or invalid params."""
     try:
-        obj = any_decoder.decode(line)
-    except msgspec.DecodeError:
-        return None
+        req = request_decoder.decode(line)
+    except msgspec.ValidationError as e:
+        # msgspec checks the shape while it parses: is it JSON at all?
+        try:
+            obj = any_decoder.decode(line)
+        except BAD_BYTES as bad:
+            raise InvalidRequest(None, PARSE_ERROR, f"parse error: {bad}") from None
+        raise InvalidRequest(_id_of(obj), INVALID_REQUEST, f"invalid request: {e}") from None
+    except BAD_BYTES as e:
+        raise InvalidRequest(None, PARSE_ERROR, f"parse error: {e}") from None
+    decoder = PARAMS_DECODERS.get(req.method)
+    if decoder is None:
+        raise InvalidRequest(req.id, METHOD_NOT_FOUND, f"unknown method {req.method!r}")
+    try:
+        return req, decoder.decode(req.params or b"{}")
+    except BAD_BYTES as e:
+        raise InvalidRequest(req.id, INVALID_PARAMS, f"invalid params: {e}") from None
+
+
+def _id_of(obj: Any) -> RequestId:
+    """The id of a request that is valid JSON but not a valid request."""
     if isinstance(obj, dict):
         rid = obj.get("id")
         if isinstance(rid, (int, str)) and not isinstance(rid, bool):
