@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import trio
 from msgspec import UNSET
@@ -28,7 +26,7 @@ from . import __version__, db
 from .config import ADMIN, Config, Tokens
 from .errors import BusError, Reason
 from .ratelimit import Buckets
-from .store import Pending, Store
+from .store import Pending, Store, Then
 from .wire import (
     BROADCAST,
     AckParams,
@@ -92,9 +90,9 @@ class Bus:
 
     # -- methods ---------------------------------------------------------------
 
-    async def submit_send(self, who: str | None, p: SendParams) -> Pending:
-        """Check a send and queue it for the writer; the returned Pending
-        resolves to a db.SendDone once committed (see ``send_result``)."""
+    async def submit_send(self, who: str | None, p: SendParams, then: Then | None = None) -> Pending:
+        """Check a send and queue it for the writer; its outcome, once
+        committed, is a db.SendDone (see ``send_result``) or a BusError."""
         self._authorize(who, p.from_)
         if p.to != BROADCAST and p.to.upper() == BROADCAST:
             raise BusError(Reason.BAD_REQUEST, "to broadcast, send to 'ALL' in capitals")
@@ -109,7 +107,7 @@ class Bus:
             wait = math.ceil(wait * 1000) / 1000
             kind = "broadcasts" if p.to == BROADCAST else "direct sends"
             raise BusError(Reason.RATE_LIMITED, f"too many {kind} from {p.from_!r}", retry_after=wait)
-        return await self.store.submit(db.Send(p.from_, p.to, p.subject, p.body, p.reply_to, p.key))
+        return await self.store.submit(db.Send(p.from_, p.to, p.subject, p.body, p.reply_to, p.key), then)
 
     async def send(self, who: str | None, p: SendParams) -> SendResult:
         return send_result(await (await self.submit_send(who, p)).result())
@@ -135,18 +133,20 @@ class Bus:
         deadline = trio.current_time() + wait
         while True:
             with self.store.mailboxes.watch(agent) as arrived:  # before the read: no lost wake-up
-                rows = await self.store.read(db.read_inbox, agent, limit, after)
+                rows = await self.store.read_inline(db.read_inbox, agent, limit, after)
                 if rows or self.closing or trio.current_time() >= deadline:
                     return rows
-                with trio.move_on_at(deadline):
+                with trio.move_on_at(deadline) as waiting:
                     await arrived.wait()
+                if waiting.cancelled_caught:
+                    return []  # nothing committed for this inbox while we waited
 
-    async def submit_ack(self, who: str | None, p: AckParams) -> Pending:
-        """Check an ack and queue it; the Pending resolves to the count newly read."""
+    async def submit_ack(self, who: str | None, p: AckParams, then: Then | None = None) -> Pending:
+        """Check an ack and queue it; its outcome is the count newly read."""
         self._authorize(who, p.agent)
         if p.up_to is None and p.ids is None:
             raise BusError(Reason.BAD_REQUEST, "give up_to or ids")
-        return await self.store.submit(db.Ack(p.agent, up_to=p.up_to, ids=p.ids))
+        return await self.store.submit(db.Ack(p.agent, up_to=p.up_to, ids=p.ids), then)
 
     async def ack(self, who: str | None, p: AckParams) -> AckResult:
         return AckResult(await (await self.submit_ack(who, p)).result())
@@ -189,18 +189,12 @@ class Bus:
 
     # -- life cycle ------------------------------------------------------------
 
-    @contextmanager
-    def reading(self) -> Iterator[trio.CancelScope]:
-        """Transports wait for request bytes inside this scope. Once ``close``
-        is called it runs out READ_GRACE seconds later: bytes a client has
-        already sent are still read and answered, idle connections end."""
-        scope = trio.CancelScope(deadline=self._read_deadline)
-        self._reading.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._reading.discard(scope)
+    def reading(self, timeout: float = math.inf) -> _Reading:
+        """Transports wait for request bytes inside this scope; it runs out
+        after ``timeout`` or, once ``close`` is called, READ_GRACE seconds
+        later: bytes a client has already sent are still read and answered,
+        idle connections end."""
+        return _Reading(self._reading, min(trio.current_time() + timeout, self._read_deadline))
 
     def close(self) -> None:
         """At shutdown: answer every long-poll now, stop reading soon."""
@@ -250,6 +244,25 @@ class Bus:
         if total:
             log.info("retention: deleted %d read inbox entries older than %s", total, cutoff)
         return total
+
+
+class _Reading:
+    """``with bus.reading(t) as scope``: a CancelScope that ``Bus.close`` can
+    reach. A class, not @contextmanager: it is entered for every read."""
+
+    __slots__ = ("_scopes", "scope")
+
+    def __init__(self, scopes: set[trio.CancelScope], deadline: float) -> None:
+        self._scopes = scopes
+        self.scope = trio.CancelScope(deadline=deadline)
+
+    def __enter__(self) -> trio.CancelScope:
+        self._scopes.add(self.scope)
+        return self.scope.__enter__()
+
+    def __exit__(self, *exc: object) -> bool:
+        self._scopes.discard(self.scope)
+        return self.scope.__exit__(*exc)  # type: ignore[arg-type]
 
 
 def send_result(done: db.SendDone) -> SendResult:

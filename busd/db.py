@@ -153,9 +153,9 @@ def _statements(script: str) -> list[str]:
     return [s for s in out if s]
 
 
-def open_reader(path: str) -> sqlite3.Connection:
+def open_reader(path: str, busy_timeout: float = 2.0) -> sqlite3.Connection:
     uri = "file:" + os.path.abspath(path) + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = ON")
     return conn
 

@@ -2,17 +2,19 @@
 
 Per connection, one reader task decodes lines in order. A write (send, ack)
 is checked and queued for the writer before the next line is read, so
-pipelined sends commit in the order they were written; its reply is queued at
-once as an ``_Awaiting`` that the sender task renders when the commit resolves
-it (no task per write). Reads (inbox, long-polls, agents, stats, ping) run in
-tasks of their own, so their replies may come back out of order. One sender
-task owns the socket's write side and coalesces ready replies into one write.
+pipelined sends commit in the order they were written; the writer hands its
+outcome back right after the commit (no task per write). Reads (inbox,
+long-polls, agents, stats, ping) run in tasks of their own, so their replies
+may come back out of order. One sender task owns the socket's write side and
+coalesces the replies that are ready into one write.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -21,7 +23,7 @@ import trio
 from .core import Bus, send_result
 from .errors import BusError, Reason
 from .framing import MAX_LINE, LineBuffer, LineTooLong
-from .store import Pending
+from .store import Pending, Then
 from .wire import (
     PARAMS_DECODERS,
     AckResult,
@@ -56,8 +58,7 @@ CODES: dict[Reason, int] = {
     Reason.UNAVAILABLE: -32053,
 }
 
-MAX_INFLIGHT = 256  # requests of one connection awaiting their reply
-OUTBOX = 256  # replies (or writes awaiting their commit) queued for the socket
+MAX_INFLIGHT = 256  # requests of one connection read but not yet answered on the socket
 WRITE_TIMEOUT = 30.0  # a client that does not read its replies for this long is dropped
 IDLE_TIMEOUT = 900.0  # a connection with nothing in flight and nothing said is closed
 RECV_SIZE = 65536
@@ -84,86 +85,99 @@ class _Once:
 
 
 class JsonLinesConnection:
+    """One JSON-lines connection: a reader task and a sender task. Every
+    request holds one of MAX_INFLIGHT permits from the moment it is read until
+    its reply is written to the socket, which bounds what a client that never
+    reads its replies can make us hold."""
+
     def __init__(self, bus: Bus, stream: trio.abc.Stream, cid: int) -> None:
         self.bus = bus
         self.stream = stream
         self.cid = cid
         self.who = bus.anonymous()
         self._inflight = trio.Semaphore(MAX_INFLIGHT)
-        self._out: trio.MemorySendChannel[bytes | _Awaiting] | None = None
+        # unbounded, but never holds more than MAX_INFLIGHT replies (the permits)
+        self._out, self._out_recv = trio.open_memory_channel[bytes](math.inf)
 
     async def run(self, first: bytes) -> None:
-        out, out_recv = trio.open_memory_channel[bytes | _Awaiting](OUTBOX)
         async with trio.open_nursery() as conn:
-            conn.start_soon(self._send_loop, out_recv, conn.cancel_scope)
-            async with out:
-                self._out = out
+            conn.start_soon(self._send_loop, conn.cancel_scope)
+            async with self._out:
                 async with trio.open_nursery() as requests:
-                    await self._read_loop(first, requests)
-                # every request has been answered; closing ``out`` lets the
-                # sender flush and finish
+                    if not await self._read_loop(first, requests):
+                        conn.cancel_scope.cancel()  # the peer is gone: drop everything
+                        return
+                for _ in range(MAX_INFLIGHT):  # every permit back: every reply written
+                    await self._inflight.acquire()
+            # ``_out`` closed: the sender finishes
 
-    async def _read_loop(self, data: bytes, requests: trio.Nursery) -> None:
+    async def _read_loop(self, data: bytes, requests: trio.Nursery) -> bool:
+        """Read and start requests until EOF, idleness or shutdown (True), or
+        until the peer is gone (False)."""
         lines = LineBuffer(MAX_LINE)
         while True:
             try:
                 batch = lines.feed(data)
             except LineTooLong:
                 log.warning("conn=%d line over %d bytes; closing", self.cid, MAX_LINE)
-                await self._reply(error_line(None, INVALID_REQUEST, Reason.TOO_LARGE, "line over 1 MiB"))
-                return
+                await self._inflight.acquire()
+                self._reply(error_line(None, INVALID_REQUEST, Reason.TOO_LARGE, "line over 1 MiB"))
+                return True
             for line in batch:
                 await self._handle_line(line, requests)
             data = b""
             while not data:
-                with self.bus.reading() as reading, trio.move_on_after(IDLE_TIMEOUT) as idle:
+                with self.bus.reading(IDLE_TIMEOUT) as reading:
                     try:
                         data = await self.stream.receive_some(RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        requests.cancel_scope.cancel()  # the peer is gone: drop its requests
-                        return
-                if reading.cancelled_caught:
-                    return  # shutting down: answer what is in flight, then close
-                if not idle.cancelled_caught:
+                        return False
+                if not reading.cancelled_caught:
                     if not data:
-                        return  # EOF: answer what is in flight, then close
+                        return True  # EOF: answer what is in flight, then close
+                elif self.bus.closing:
+                    return True  # shutting down: answer what is in flight, then close
                 elif self._inflight.value == MAX_INFLIGHT:
                     log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
-                    return
+                    return True
 
     async def _handle_line(self, line: bytes, requests: trio.Nursery) -> None:
         line = line.strip()
         if not line:
             return
+        await self._inflight.acquire()
         self.bus.requests += 1
         try:
             req, params = decode_request(line)
         except InvalidRequest as e:
-            await self._reply(error_line(e.rid, e.code, Reason.BAD_REQUEST, e.message))
+            self._reply(error_line(e.rid, e.code, Reason.BAD_REQUEST, e.message))
             return
         if isinstance(params, AuthParams):  # in line: later requests depend on it
             try:
                 self.who = self.bus.authenticate(params.token)
             except BusError as e:
-                await self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message))
+                self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message))
                 return
-            await self._reply(_result_line(req.id, OkResult()))
+            self._reply(_result_line(req.id, OkResult()))
             return
         if req.method in WRITES:
-            # Queued for the writer before the next line is read; the reply
-            # is rendered by the sender task once the commit resolves it.
+            # Queued for the writer before the next line is read; the writer
+            # hands the outcome to _deliver right after the commit.
             try:
-                pending = await WRITES[req.method](self.bus, self.who, params)
+                await WRITES[req.method](self.bus, self.who, params, partial(self._deliver, req.id, req.method))
             except BusError as e:
-                await self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message, **e.data))
-                return
-            await self._reply(_Awaiting(req.id, pending, RENDER[req.method]))
+                self._reply(error_line(req.id, CODES[e.reason], e.reason, e.message, **e.data))
             return
-        await self._inflight.acquire()
         if req.method == "inbox":  # its ack, if any, is queued before we go on
             await requests.start(self._call, req.id, req.method, params)
         else:
             requests.start_soon(self._call, req.id, req.method, params)
+
+    def _deliver(self, rid: RequestId, method: str, outcome: Any) -> None:
+        if isinstance(outcome, BusError):
+            self._reply(error_line(rid, CODES[outcome.reason], outcome.reason, outcome.message, **outcome.data))
+        else:
+            self._reply(_result_line(rid, RENDER[method](outcome)))
 
     async def _call(
         self, rid: RequestId, method: str, params: Any, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -183,65 +197,40 @@ class JsonLinesConnection:
             line = error_line(rid, CODES[Reason.UNAVAILABLE], Reason.UNAVAILABLE, "internal error")
         finally:
             once.started()
-            self._inflight.release()
-        await self._reply(line)
+        self._reply(line)
 
-    async def _reply(self, item: bytes | _Awaiting) -> None:
-        assert self._out is not None
-        await self._out.send(item)
-
-    async def _send_loop(self, out: trio.MemoryReceiveChannel[bytes | _Awaiting], scope: trio.CancelScope) -> None:
-        """Write replies in the order they were queued, coalescing those that
-        are ready into one write; a reply awaiting its commit waits here."""
-        held: bytes | _Awaiting | None = None
+    def _reply(self, line: bytes) -> None:
+        """Hand a reply to the sender (never blocks: the permits bound the queue)."""
         try:
-            while True:
-                if held is None:
-                    try:
-                        held = await out.receive()
-                    except trio.EndOfChannel:
-                        return
-                chunks = [await _render(held)]
-                held = None
+            self._out.send_nowait(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection is gone
+
+    async def _send_loop(self, scope: trio.CancelScope) -> None:
+        """Write replies as they come, coalescing those ready into one write;
+        each written reply returns its permit."""
+        out = self._out_recv
+        try:
+            async for line in out:
+                chunks = [line]
                 while True:
                     try:
-                        item = out.receive_nowait()
+                        chunks.append(out.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    if isinstance(item, _Awaiting) and not item.pending.done.is_set():
-                        held = item
-                        break
-                    chunks.append(await _render(item))
-                with trio.fail_after(WRITE_TIMEOUT):
+                with trio.CancelScope(deadline=trio.current_time() + WRITE_TIMEOUT) as writing:
                     await self.stream.send_all(b"".join(chunks))
-        except trio.TooSlowError:
-            log.warning("conn=%d does not read its replies; dropping it", self.cid)
-            scope.cancel()
+                if writing.cancelled_caught:
+                    log.warning("conn=%d does not read its replies; dropping it", self.cid)
+                    scope.cancel()
+                    return
+                for _ in chunks:
+                    self._inflight.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()
 
 
-class _Awaiting:
-    """A reply that is due once the writer resolves ``pending``."""
-
-    __slots__ = ("rid", "pending", "render")
-
-    def __init__(self, rid: RequestId, pending: Pending, render: Callable[[Any], Any]) -> None:
-        self.rid = rid
-        self.pending = pending
-        self.render = render
-
-
-async def _render(item: bytes | _Awaiting) -> bytes:
-    if isinstance(item, bytes):
-        return item
-    try:
-        return _result_line(item.rid, item.render(await item.pending.result()))
-    except BusError as e:
-        return error_line(item.rid, CODES[e.reason], e.reason, e.message, **e.data)
-
-
-WRITES: dict[str, Callable[[Bus, str | None, Any], Awaitable[Pending]]] = {
+WRITES: dict[str, Callable[[Bus, str | None, Any, Then], Awaitable[Pending]]] = {
     "send": Bus.submit_send,
     "ack": Bus.submit_ack,
 }

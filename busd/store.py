@@ -28,18 +28,37 @@ BATCH_MAX = 2000  # ops in one transaction
 READERS = 4
 
 
+Then = Callable[[db.Outcome], None]
+
+
 class Pending:
-    """An op on its way through the writer; ``result()`` waits for its commit."""
+    """An op on its way through the writer. ``await result()`` for its
+    committed outcome, or give ``then``: the writer calls it with the outcome
+    right after the commit (it must not block)."""
 
-    __slots__ = ("op", "outcome", "done")
+    __slots__ = ("op", "outcome", "_then", "_done")
 
-    def __init__(self, op: db.Op) -> None:
+    def __init__(self, op: db.Op, then: Then | None = None) -> None:
         self.op = op
         self.outcome: db.Outcome | None = None
-        self.done = trio.Event()
+        self._then = then
+        self._done: trio.Event | None = None
+
+    def resolve(self, outcome: db.Outcome) -> None:
+        self.outcome = outcome
+        if self._then is not None:
+            try:
+                self._then(outcome)
+            except Exception:  # a caller's bug must not stop the writer
+                log.exception("writer: callback of %s failed", type(self.op).__name__)
+        if self._done is not None:
+            self._done.set()
 
     async def result(self) -> Any:
-        await self.done.wait()
+        if self.outcome is None:
+            if self._done is None:
+                self._done = trio.Event()
+            await self._done.wait()
         if isinstance(self.outcome, BusError):
             raise self.outcome
         return self.outcome
@@ -90,6 +109,7 @@ class Store:
         self._writer = writer
         self._send = send
         self._readers: list[sqlite3.Connection] = []
+        self._inline: sqlite3.Connection | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._write_limiter = trio.CapacityLimiter(1)
         self.mailboxes = Mailboxes()
@@ -103,10 +123,10 @@ class Store:
 
     # -- writes ------------------------------------------------------------
 
-    async def submit(self, op: db.Op) -> Pending:
+    async def submit(self, op: db.Op, then: Then | None = None) -> Pending:
         """Queue ``op`` for the writer, in the order of calls; wait only if the
-        queue is full. ``await pending.result()`` for the committed outcome."""
-        pending = Pending(op)
+        queue is full. The outcome comes to ``then``, or to ``pending.result()``."""
+        pending = Pending(op, then)
         try:
             await self._send.send(pending)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -143,15 +163,13 @@ class Store:
 
     async def _commit(self, batch: list[Pending]) -> None:
         ops = [p.op for p in batch]
-        t0 = time.perf_counter()
         try:
             # Not abandoned on cancel: a commit in flight always finishes and
             # its callers always hear how it went.
-            outcomes = await trio.to_thread.run_sync(self._writer.apply, ops, limiter=self._write_limiter)
+            outcomes, elapsed = await trio.to_thread.run_sync(_timed, self._writer.apply, ops, limiter=self._write_limiter)
         except Exception as e:  # a bug, or the database went away under us
             log.exception("writer: batch of %d failed", len(batch))
-            outcomes = [BusError(Reason.UNAVAILABLE, f"write failed: {e}")] * len(batch)
-        elapsed = time.perf_counter() - t0
+            outcomes, elapsed = [BusError(Reason.UNAVAILABLE, f"write failed: {e}")] * len(batch), 0.0
         self._batches += 1
         self._ops += len(batch)
         self._max_batch = max(self._max_batch, len(batch))
@@ -159,8 +177,7 @@ class Store:
         self._commit_s_last = elapsed
         wake_all = False
         for pending, outcome in zip(batch, outcomes):
-            pending.outcome = outcome
-            pending.done.set()
+            pending.resolve(outcome)
             op = pending.op
             if isinstance(op, db.Send) and isinstance(outcome, db.SendDone) and not outcome.duplicate:
                 if op.to == BROADCAST:
@@ -171,6 +188,21 @@ class Store:
             self.mailboxes.wake_all()
 
     # -- reads -------------------------------------------------------------
+
+    async def read_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a small indexed query ``fn(conn, *args)`` on the event loop's
+        own thread, which costs far less than a hop to a worker thread. WAL
+        readers do not wait for the writer; if SQLite is busy all the same
+        (recovery, a checkpoint's edge), fall back to ``read``."""
+        await trio.lowlevel.checkpoint()
+        if self._inline is None:
+            self._inline = db.open_reader(self.path, busy_timeout=0.0)
+        try:
+            return fn(self._inline, *args)
+        except sqlite3.OperationalError:
+            return await self.read(fn, *args)
+        except sqlite3.Error as e:
+            raise BusError(Reason.UNAVAILABLE, f"database error: {e}") from None
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on a read-only connection in a thread."""
@@ -200,6 +232,13 @@ class Store:
         )
 
 
+def _timed(fn: Callable[[T], Any], arg: T) -> tuple[Any, float]:
+    """``fn(arg)`` and the seconds it took, measured in the worker thread."""
+    t0 = time.perf_counter()
+    result = fn(arg)
+    return result, time.perf_counter() - t0
+
+
 @asynccontextmanager
 async def open_store(path: str, *, inbox_cap: int, strict: bool, synchronous: str = "FULL") -> AsyncIterator[Store]:
     """Open the database and run the writer task for the life of the block.
@@ -225,5 +264,7 @@ async def open_store(path: str, *, inbox_cap: int, strict: bool, synchronous: st
     finally:
         for r in store._readers:
             r.close()
+        if store._inline is not None:
+            store._inline.close()
         conn.close()
         os.close(lock)  # only now: closing it earlier could drop SQLite's own locks
