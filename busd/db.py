@@ -255,7 +255,7 @@ class Writer:
                 except BusError as e:
                     outcomes.append(e)
             c.execute("COMMIT")
-        except sqlite3.Error as e:
+        except Exception as e:  # sqlite3.Error, or a bug: nothing of the batch is kept
             if c.in_transaction:
                 c.execute("ROLLBACK")
             self._load_caches()

@@ -17,7 +17,7 @@ import trio
 from . import __version__
 from .core import Bus
 from .errors import BusError, Reason
-from .wire import HttpError, HttpErrorReply, InboxParams, SendParams, encoder, send_decoder
+from .wire import DECODE_ERRORS, HttpError, HttpErrorReply, InboxParams, SendParams, encoder, send_decoder
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,9 @@ class HttpConnection:
                 await self._send(413, error_body(Reason.TOO_LARGE, str(e)), close=True)
                 return
             except h11.RemoteProtocolError as e:
-                await self._send(e.error_status_hint, error_body(Reason.BAD_REQUEST, f"bad HTTP request: {e}"), close=True)
+                # h11's message may quote a header line, token and all: not echoed
+                log.info("conn=%d bad HTTP request (%d)", self.cid, e.error_status_hint)
+                await self._send(e.error_status_hint, error_body(Reason.BAD_REQUEST, "malformed HTTP request"), close=True)
                 return
             except trio.TooSlowError:
                 log.info("conn=%d HTTP request too slow; closing", self.cid)
@@ -157,7 +159,7 @@ class HttpConnection:
             who = self.bus.authenticate(_bearer(request))
             try:
                 params: SendParams = send_decoder.decode(body)
-            except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            except DECODE_ERRORS as e:
                 raise BusError(Reason.BAD_REQUEST, f"invalid send body: {e}") from None
             return await self.bus.send(who, params)
         if path.startswith("/api/inbox/"):

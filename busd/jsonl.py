@@ -25,6 +25,7 @@ from .errors import BusError, Reason
 from .framing import MAX_LINE, LineBuffer, LineTooLong
 from .store import Pending, Then
 from .wire import (
+    DECODE_ERRORS,
     PARAMS_DECODERS,
     AckResult,
     AuthParams,
@@ -248,7 +249,6 @@ class InvalidRequest(Exception):
         self.message = message
 
 
-BAD_BYTES = (msgspec.DecodeError, UnicodeDecodeError)  # msgspec lets invalid UTF-8 through as the latter
 
 
 def decode_request(line: bytes) -> tuple[Request, Any]:
@@ -260,17 +260,17 @@ def decode_request(line: bytes) -> tuple[Request, Any]:
         # msgspec checks the shape while it parses: is it JSON at all?
         try:
             obj = any_decoder.decode(line)
-        except BAD_BYTES as bad:
+        except DECODE_ERRORS as bad:
             raise InvalidRequest(None, PARSE_ERROR, f"parse error: {bad}") from None
         raise InvalidRequest(_id_of(obj), INVALID_REQUEST, f"invalid request: {e}") from None
-    except BAD_BYTES as e:
+    except DECODE_ERRORS as e:
         raise InvalidRequest(None, PARSE_ERROR, f"parse error: {e}") from None
     decoder = PARAMS_DECODERS.get(req.method)
     if decoder is None:
         raise InvalidRequest(req.id, METHOD_NOT_FOUND, f"unknown method {req.method!r}")
     try:
         return req, decoder.decode(req.params or b"{}")
-    except BAD_BYTES as e:
+    except DECODE_ERRORS as e:
         raise InvalidRequest(req.id, INVALID_PARAMS, f"invalid params: {e}") from None
 
 

@@ -12,7 +12,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # the contract's, with \Z:
 BROADCAST = "ALL"
 
 Name = Annotated[str, Meta(pattern=NAME_PATTERN)]
-MessageId = Annotated[int, Meta(ge=1)]
+ID_MAX = 2**63 - 1  # SQLite's integers are 64-bit
+MessageId = Annotated[int, Meta(ge=1, le=ID_MAX)]
+AckId = Annotated[int, Meta(ge=0, le=ID_MAX)]
 Subject = Annotated[str, Meta(max_length=256)]
 Key = Annotated[str, Meta(min_length=1, max_length=128)]
 
@@ -44,15 +46,15 @@ class SendParams(Struct, kw_only=True):
 
 class InboxParams(Struct, kw_only=True):
     agent: Name
-    ack: Annotated[int, Meta(ge=0)] = 0
+    ack: AckId = 0
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
     wait: Annotated[float, Meta(ge=0, le=60)] = 0.0
-    after: Annotated[int, Meta(ge=0)] = 0  # only messages with a larger id (for followers that don't ack)
+    after: AckId = 0  # only messages with a larger id (for followers that don't ack)
 
 
 class AckParams(Struct, kw_only=True):
     agent: Name
-    up_to: Annotated[int, Meta(ge=0)] | None = None
+    up_to: AckId | None = None
     ids: Annotated[list[MessageId], Meta(max_length=10_000)] | None = None
 
 
@@ -173,6 +175,9 @@ class HttpErrorReply(Struct):
 # ---- codecs, built once -----------------------------------------------------
 
 encoder = msgspec.json.Encoder()
+# What decoding bad bytes can raise: msgspec lets invalid UTF-8 through as
+# UnicodeDecodeError and nesting deeper than Python's stack as RecursionError.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 request_decoder = msgspec.json.Decoder(Request)
 any_decoder = msgspec.json.Decoder()
 
