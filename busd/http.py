@@ -98,8 +98,9 @@ class HttpConnection:
     async def _read_request(self) -> tuple[h11.Request, bytes]:
         request: h11.Request | None = None
         body = bytearray()
+        begun = bool(self.h11.trailing_data[0])  # bytes of this request already here
         with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
-            if self.h11.their_state is not h11.IDLE or self.h11.trailing_data[0]:
+            if begun:
                 scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
             while True:
                 event = self.h11.next_event()
@@ -110,6 +111,7 @@ class HttpConnection:
                         raise _Closed from None
                     if not data and self.h11.their_state is h11.IDLE and request is None:
                         raise _Closed  # a clean close between requests
+                    begun = True
                     scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
                     self.h11.receive_data(data)
                 elif isinstance(event, h11.Request):
@@ -128,6 +130,8 @@ class HttpConnection:
                     return request, bytes(body)
                 elif isinstance(event, h11.ConnectionClosed):
                     raise _Closed
+        if not begun:
+            raise _Closed  # an idle keep-alive connection: just close it
         raise trio.TooSlowError
 
     async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
