@@ -227,13 +227,20 @@ async def running_daemon(
                 await process.wait()
             raise DaemonExited(process.returncode, d.stderr_text())
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(EXIT_TIMEOUT):
-                await process.wait()
-            if process.stderr is not None:
-                await process.stderr.aclose()
+        await reap(process)
+
+
+async def reap(process: trio.Process) -> None:
+    """Kill ``process`` if it still runs, wait for it (bounded), close its pipes.
+    Shielded: it runs in ``finally`` blocks of cancelled tests."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill()
+        with trio.move_on_after(EXIT_TIMEOUT):
+            await process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from typing import Any
 
 import trio
 
+from ..daemon import reap
+
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0
@@ -154,13 +156,7 @@ async def spawn_daemon(
             finally:
                 nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(EXIT_TIMEOUT):
-                await process.wait()
-            if process.stderr is not None:
-                await process.stderr.aclose()
+        await reap(process)
 
 
 # ---- memory -------------------------------------------------------------------
@@ -582,12 +578,7 @@ async def probing(port: int, interval: float = 0.05, limit: float = 1.0) -> Asyn
         probe.failures = result["failures"]
         probe.slow = [tuple(x) for x in result["slow"]]
     finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(EXIT_TIMEOUT):
-                await process.wait()
-            await process.stdout.aclose()
+        await reap(process)
 
 
 def report(title: str, **figures: Any) -> None:
