@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 from msgspec import UNSET
@@ -113,8 +114,16 @@ class Bus:
         return send_result(await (await self.submit_send(who, p)).result())
 
     async def inbox(
-        self, who: str | None, p: InboxParams, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        who: str | None,
+        p: InboxParams,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+        room: Callable[[], Awaitable[None]] = trio.lowlevel.checkpoint,
     ) -> InboxResult:
+        """Unread messages of ``p.agent``, after waiting up to ``p.wait`` for
+        one. ``room`` is awaited right before each query, and the rows go back
+        to the caller without another checkpoint: a transport's way to wait
+        until it has room for the reply."""
         agent = p.agent
         self._authorize(who, agent)
         if p.ack:
@@ -126,13 +135,16 @@ class Bus:
         task_status.started()
         if pending is not None:
             await pending.result()
-        rows = await self._wait_for_mail(agent, p.limit, p.wait, p.after)
+        rows = await self._wait_for_mail(agent, p.limit, p.wait, p.after, room)
         return InboxResult(agent, [_message(r) for r in rows])
 
-    async def _wait_for_mail(self, agent: str, limit: int, wait: float, after: int) -> list[db.InboxRow]:
+    async def _wait_for_mail(
+        self, agent: str, limit: int, wait: float, after: int, room: Callable[[], Awaitable[None]]
+    ) -> list[db.InboxRow]:
         deadline = trio.current_time() + wait
         while True:
             with self.store.mailboxes.watch(agent) as arrived:  # before the read: no lost wake-up
+                await room()
                 rows = await self.store.read_inline(db.read_inbox, agent, limit, after)
                 if rows or self.closing or trio.current_time() >= deadline:
                     return rows

@@ -5,14 +5,13 @@ is checked and queued for the writer before the next line is read, so
 pipelined sends commit in the order they were written; the writer hands its
 outcome back right after the commit (no task per write). Reads (inbox,
 long-polls, agents, stats, ping) run in tasks of their own, so their replies
-may come back out of order. One sender task owns the socket's write side and
-coalesces the replies that are ready into one write.
+may come back out of order. Replies go to the socket as soon as they exist
+(``sockio``): no task switch per reply.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -23,6 +22,7 @@ import trio
 from .core import Bus, send_result
 from .errors import BusError, Reason
 from .framing import MAX_LINE, LineBuffer, LineTooLong
+from .sockio import OUT_MAX, Signal, SocketIO
 from .store import Pending, Then
 from .wire import (
     DECODE_ERRORS,
@@ -59,10 +59,9 @@ CODES: dict[Reason, int] = {
     Reason.UNAVAILABLE: -32053,
 }
 
-MAX_INFLIGHT = 256  # requests of one connection read but not yet answered on the socket
-WRITE_TIMEOUT = 30.0  # a client that does not read its replies for this long is dropped
+MAX_INFLIGHT = 256  # requests of one connection read but not yet answered
+WRITE_TIMEOUT = 30.0  # a client that leaves its replies unread for this long is dropped
 IDLE_TIMEOUT = 900.0  # a connection with nothing in flight and nothing said is closed
-RECV_SIZE = 65536
 
 
 def error_line(rid: RequestId, code: int, reason: Reason, message: str, **data: Any) -> bytes:
@@ -86,67 +85,95 @@ class _Once:
 
 
 class JsonLinesConnection:
-    """One JSON-lines connection: a reader task and a sender task. Every
-    request holds one of MAX_INFLIGHT permits from the moment it is read until
-    its reply is written to the socket, which bounds what a client that never
-    reads its replies can make us hold."""
+    """One JSON-lines connection: a reader task, a task per read request, and
+    the socket's drain task. A request counts as unanswered from the moment it
+    is read until its reply is handed to the socket; the reader stops reading
+    while MAX_INFLIGHT are unanswered or OUT_MAX bytes of replies wait for a
+    client that does not read them, and inbox reads wait for that room before
+    they query, which bounds what one client can make us hold."""
 
-    def __init__(self, bus: Bus, stream: trio.abc.Stream, cid: int) -> None:
+    def __init__(self, bus: Bus, stream: trio.SocketStream, cid: int) -> None:
         self.bus = bus
         self.stream = stream
         self.cid = cid
         self.who = bus.anonymous()
-        self._inflight = trio.Semaphore(MAX_INFLIGHT)
-        # unbounded, but never holds more than MAX_INFLIGHT replies (the permits)
-        self._out, self._out_recv = trio.open_memory_channel[bytes](math.inf)
+        self._unanswered = 0
+        self._answered = Signal()  # fired when a reply is handed over
+        self._last_active = trio.current_time()  # a request read or a reply sent
+        self.io: SocketIO
 
     async def run(self, first: bytes) -> None:
         async with trio.open_nursery() as conn:
-            conn.start_soon(self._send_loop, conn.cancel_scope)
-            async with self._out:
+            self.io = io = SocketIO(self.stream, conn.cancel_scope, WRITE_TIMEOUT, self.cid)
+            try:
+                conn.start_soon(io.run_drain)
                 async with trio.open_nursery() as requests:
                     if not await self._read_loop(first, requests):
                         conn.cancel_scope.cancel()  # the peer is gone: drop everything
                         return
-                for _ in range(MAX_INFLIGHT):  # every permit back: every reply written
-                    await self._inflight.acquire()
-            # ``_out`` closed: the sender finishes
+                while self._unanswered:  # writes still with the writer
+                    await self._answered.wait()
+                await io.flushed()
+                conn.cancel_scope.cancel()  # done: stop the drain task
+            finally:
+                io.close()  # replies that come later (from the writer) go nowhere
 
     async def _read_loop(self, data: bytes, requests: trio.Nursery) -> bool:
         """Read and start requests until EOF, idleness or shutdown (True), or
         until the peer is gone (False)."""
         lines = LineBuffer(MAX_LINE)
+        io = self.io
         while True:
             try:
                 batch = lines.feed(data)
             except LineTooLong:
                 log.warning("conn=%d line over %d bytes; closing", self.cid, MAX_LINE)
-                await self._inflight.acquire()
+                self._unanswered += 1
                 self._reply(error_line(None, INVALID_REQUEST, Reason.TOO_LARGE, "line over 1 MiB"))
                 return True
             for line in batch:
+                while self._unanswered >= MAX_INFLIGHT or len(io.backlog) >= OUT_MAX:
+                    await self._wait_for_room()
                 await self._handle_line(line, requests)
-            data = b""
-            while not data:
-                with self.bus.reading(IDLE_TIMEOUT) as reading:
-                    try:
-                        data = await self.stream.receive_some(RECV_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return False
-                if not reading.cancelled_caught:
-                    if not data:
-                        return True  # EOF: answer what is in flight, then close
-                elif self.bus.closing:
-                    return True  # shutting down: answer what is in flight, then close
-                elif self._inflight.value == MAX_INFLIGHT:
-                    log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
-                    return True
+            if io.broken:
+                return False
+            data = io.recv_nowait()
+            if data is not None:
+                await trio.lowlevel.checkpoint()  # the client keeps us busy: let others run
+            else:
+                with self.bus.reading(self._last_active + IDLE_TIMEOUT - trio.current_time()) as reading:
+                    data = await io.recv()
+                if reading.cancelled_caught:
+                    if self.bus.closing:
+                        return True  # shutting down: answer what is in flight, then close
+                    if not self._unanswered and trio.current_time() >= self._last_active + IDLE_TIMEOUT:
+                        log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
+                        return True
+                    data = b""
+                    continue
+            self._last_active = trio.current_time()
+            if not data:
+                return not io.broken  # EOF: answer what is in flight, then close
+
+    async def _wait_for_room(self) -> None:
+        if self._unanswered >= MAX_INFLIGHT:
+            await self._answered.wait()
+        else:
+            await self.io.progress.wait()
+
+    async def _room(self) -> None:
+        """Awaited by inbox reads right before they query: the rows they read
+        are encoded and handed over at once, so at most one reply overshoots
+        OUT_MAX."""
+        await trio.lowlevel.checkpoint()
+        while len(self.io.backlog) >= OUT_MAX and not self.io.broken:
+            await self.io.progress.wait()
 
     async def _handle_line(self, line: bytes, requests: trio.Nursery) -> None:
         line = line.strip()
         if not line:
             return
-        await self._inflight.acquire()
+        self._unanswered += 1
         self.bus.requests += 1
         try:
             req, params = decode_request(line)
@@ -186,7 +213,7 @@ class JsonLinesConnection:
         once = _Once(task_status)
         try:
             if method == "inbox":
-                result = await self.bus.inbox(self.who, params, task_status=once)
+                result = await self.bus.inbox(self.who, params, task_status=once, room=self._room)
             else:
                 once.started()
                 result = await getattr(self.bus, method)(self.who)
@@ -201,34 +228,11 @@ class JsonLinesConnection:
         self._reply(line)
 
     def _reply(self, line: bytes) -> None:
-        """Hand a reply to the sender (never blocks: the permits bound the queue)."""
-        try:
-            self._out.send_nowait(line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the connection is gone
-
-    async def _send_loop(self, scope: trio.CancelScope) -> None:
-        """Write replies as they come, coalescing those ready into one write;
-        each written reply returns its permit."""
-        out = self._out_recv
-        try:
-            async for line in out:
-                chunks = [line]
-                while True:
-                    try:
-                        chunks.append(out.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                with trio.CancelScope(deadline=trio.current_time() + WRITE_TIMEOUT) as writing:
-                    await self.stream.send_all(b"".join(chunks))
-                if writing.cancelled_caught:
-                    log.warning("conn=%d does not read its replies; dropping it", self.cid)
-                    scope.cancel()
-                    return
-                for _ in chunks:
-                    self._inflight.release()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            scope.cancel()
+        """Hand one request's reply to the socket (never blocks)."""
+        self.io.write(line)
+        self._last_active = trio.current_time()
+        self._unanswered -= 1
+        self._answered.fire()
 
 
 WRITES: dict[str, Callable[[Bus, str | None, Any, Then], Awaitable[Pending]]] = {

@@ -128,7 +128,10 @@ class Store:
         queue is full. The outcome comes to ``then``, or to ``pending.result()``."""
         pending = Pending(op, then)
         try:
-            await self._send.send(pending)
+            try:
+                self._send.send_nowait(pending)  # the usual case: no trip through the scheduler
+            except trio.WouldBlock:
+                await self._send.send(pending)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise BusError(Reason.UNAVAILABLE, "the bus is shutting down") from None
         return pending
@@ -193,8 +196,8 @@ class Store:
         """Run a small indexed query ``fn(conn, *args)`` on the event loop's
         own thread, which costs far less than a hop to a worker thread. WAL
         readers do not wait for the writer; if SQLite is busy all the same
-        (recovery, a checkpoint's edge), fall back to ``read``."""
-        await trio.lowlevel.checkpoint()
+        (recovery, a checkpoint's edge), fall back to ``read``. The query runs
+        before any checkpoint: a caller that must yield does so first."""
         if self._inline is None:
             self._inline = db.open_reader(self.path, busy_timeout=0.0)
         try:
