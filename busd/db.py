@@ -217,8 +217,9 @@ Outcome = Union[SendDone, int, BusError]
 
 @dataclass
 class Writer:
-    """Owns the write connection. ``apply`` runs one batch in one transaction;
-    it is only ever called from one thread at a time (the writer task's).
+    """Owns the write connection. A batch is one transaction: ``stage`` then
+    ``commit`` (or ``apply``, both). Only the writer task calls them, one at a
+    time, though ``commit`` runs in a worker thread.
 
     Every op makes all its checks before its first write, so a refusal
     (duplicate key, full inbox, unknown agent) leaves nothing behind and fails
@@ -240,10 +241,20 @@ class Writer:
         self._unread = {name: unread for name, _, unread in rows}
 
     def apply(self, ops: list[Op]) -> list[Outcome]:
-        """Apply ``ops`` in one transaction and commit it (fsync) before
-        returning their outcomes, in order. If the database fails (I/O error,
-        disk full, the commit itself), the whole batch is rolled back and every
-        op fails with ``unavailable``: nothing is reported done that is not."""
+        """``stage`` and ``commit`` in one call."""
+        outcomes = self.stage(ops)
+        if self.conn.in_transaction:
+            failed = self.commit()
+            if failed is not None:
+                return [failed] * len(ops)
+        return outcomes
+
+    def stage(self, ops: list[Op]) -> list[Outcome]:
+        """Apply ``ops`` in one new transaction, left open for ``commit``:
+        work in memory and SQLite's page cache, no fsync, so the writer runs
+        it on the event loop's thread. If the database fails (I/O error, disk
+        full) or anything else goes wrong, the transaction is rolled back and
+        every op fails with ``unavailable``."""
         now = timestamp()
         c = self.conn
         outcomes: list[Outcome] = []
@@ -254,13 +265,28 @@ class Writer:
                     outcomes.append(self._apply_one(op, now))
                 except BusError as e:
                     outcomes.append(e)
-            c.execute("COMMIT")
         except Exception as e:  # sqlite3.Error, or a bug: nothing of the batch is kept
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            self._load_caches()
+            self._abort()
             return [BusError(Reason.UNAVAILABLE, f"database error: {e}")] * len(ops)
         return outcomes
+
+    def commit(self) -> BusError | None:
+        """Commit what ``stage`` applied, with fsync (the writer runs it in a
+        worker thread). None once it is durable; otherwise the batch is rolled
+        back and the error is what each of its ops gets."""
+        try:
+            self.conn.execute("COMMIT")
+        except Exception as e:
+            self._abort()
+            return BusError(Reason.UNAVAILABLE, f"database error: {e}")
+        return None
+
+    def _abort(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self._load_caches()
 
     def _apply_one(self, op: Op, now: str) -> Outcome:
         if isinstance(op, Send):
