@@ -17,6 +17,7 @@ import trio
 from . import __version__
 from .core import Bus
 from .errors import BusError, Reason
+from .sockio import SocketIO
 from .wire import DECODE_ERRORS, HttpError, HttpErrorReply, InboxParams, SendParams, encoder, send_decoder
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ HEAD_MAX = 16 * 1024  # request line and headers
 IDLE_TIMEOUT = 75.0  # keep-alive: waiting for the first byte of a request
 REQUEST_TIMEOUT = 15.0  # from a request's first byte to its last
 WRITE_TIMEOUT = 30.0
-RECV_SIZE = 65536
 
 
 class MethodNotAllowed(Exception):
@@ -55,38 +55,52 @@ def error_body(reason: Reason, message: str, retry_after: Any = msgspec.UNSET) -
 
 
 class HttpConnection:
-    def __init__(self, bus: Bus, stream: trio.abc.Stream, cid: int) -> None:
+    """One keep-alive connection, one request at a time: read it (within
+    IDLE_TIMEOUT of the last response, then REQUEST_TIMEOUT from its first
+    byte), answer it, hand the response to the socket, and read the next one
+    only once the client has taken the last one."""
+
+    def __init__(self, bus: Bus, stream: trio.SocketStream, cid: int) -> None:
         self.bus = bus
         self.stream = stream
         self.cid = cid
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_MAX)
         cfg = bus.config
         self.max_request = max(1024 * 1024, cfg.max_body * 6 + 16 * 1024)  # JSON may escape 1 byte to 6
+        self.io: SocketIO
 
     async def run(self, first: bytes) -> None:
         self.h11.receive_data(first)
+        async with trio.open_nursery() as conn:
+            self.io = SocketIO(self.stream, conn.cancel_scope, WRITE_TIMEOUT, self.cid)
+            try:
+                conn.start_soon(self.io.run_drain)
+                await self._serve()
+                await self.io.flushed()
+                conn.cancel_scope.cancel()  # done: stop the drain task
+            finally:
+                self.io.close()
+
+    async def _serve(self) -> None:
         while True:
             try:
-                with self.bus.reading() as reading:
-                    request, body = await self._read_request()
-                if reading.cancelled_caught:  # shutting down
-                    return
+                request, body = await self._read_request()
             except _Closed:
                 return
             except TooLarge as e:
-                await self._send(413, error_body(Reason.TOO_LARGE, str(e)), close=True)
+                self._send(413, error_body(Reason.TOO_LARGE, str(e)), close=True)
                 return
             except h11.RemoteProtocolError as e:
                 # h11's message may quote a header line, token and all: not echoed
                 log.info("conn=%d bad HTTP request (%d)", self.cid, e.error_status_hint)
-                await self._send(e.error_status_hint, error_body(Reason.BAD_REQUEST, "malformed HTTP request"), close=True)
+                self._send(e.error_status_hint, error_body(Reason.BAD_REQUEST, "malformed HTTP request"), close=True)
                 return
             except trio.TooSlowError:
                 log.info("conn=%d HTTP request too slow; closing", self.cid)
-                await self._send(408, error_body(Reason.BAD_REQUEST, "request not received in time"), close=True)
+                self._send(408, error_body(Reason.BAD_REQUEST, "request not received in time"), close=True)
                 return
             status, payload, headers = await self._respond(request, body)
-            if not await self._send(status, payload, headers):
+            if not self._send(status, payload, headers):
                 return
             if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
                 return
@@ -94,25 +108,28 @@ class HttpConnection:
                 self.h11.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+            if self.io.backlog:
+                await self.io.flushed()  # the client reads its response before we read on
 
     async def _read_request(self) -> tuple[h11.Request, bytes]:
+        """The next request; _Closed at a clean end (EOF or shutdown between
+        requests, or idleness), TooSlowError for a request begun but not
+        finished in time."""
         request: h11.Request | None = None
         body = bytearray()
         begun = bool(self.h11.trailing_data[0])  # bytes of this request already here
-        with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
-            if begun:
-                scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
+        with self.bus.reading(REQUEST_TIMEOUT if begun else IDLE_TIMEOUT) as scope:
             while True:
                 event = self.h11.next_event()
                 if event is h11.NEED_DATA:
-                    try:
-                        data = await self.stream.receive_some(RECV_SIZE)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        raise _Closed from None
+                    data = self.io.recv_nowait()
+                    if data is None:
+                        data = await self.io.recv()
                     if not data and self.h11.their_state is h11.IDLE and request is None:
                         raise _Closed  # a clean close between requests
-                    begun = True
-                    scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
+                    if not begun:
+                        begun = True
+                        scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
                     self.h11.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
@@ -120,7 +137,7 @@ class HttpConnection:
                     if length is not None and length > self.max_request:
                         raise TooLarge(f"request body over {self.max_request} bytes")
                     if self.h11.they_are_waiting_for_100_continue:  # curl does, for bodies over 1 KiB
-                        await self._write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+                        self.io.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > self.max_request:
@@ -130,8 +147,8 @@ class HttpConnection:
                     return request, bytes(body)
                 elif isinstance(event, h11.ConnectionClosed):
                     raise _Closed
-        if not begun:
-            raise _Closed  # an idle keep-alive connection: just close it
+        if not begun or self.bus.closing:
+            raise _Closed  # an idle keep-alive connection, or shutdown: just close it
         raise trio.TooSlowError
 
     async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -178,9 +195,9 @@ class HttpConnection:
             return await self.bus.inbox(who, inbox)
         raise BusError(Reason.NOT_FOUND, f"no such path: {path}")
 
-    async def _send(self, status: int, payload: bytes, headers: list[tuple[str, str]] | None = None, close: bool = False) -> bool:
-        """Send one response; False if the connection is done for."""
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+    def _send(self, status: int, payload: bytes, headers: list[tuple[str, str]] | None = None, close: bool = False) -> bool:
+        """Hand one response to the socket; False if the connection is done for."""
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.io.broken:
             return False
         hdrs = [("content-type", "application/json"), ("content-length", str(len(payload))), ("server", "busd")]
         hdrs += headers or []
@@ -192,15 +209,8 @@ class HttpConnection:
             data += self.h11.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
             return False
-        return await self._write(data) and not close
-
-    async def _write(self, data: bytes) -> bool:
-        try:
-            with trio.fail_after(WRITE_TIMEOUT):
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            return False
-        return True
+        self.io.write(data)
+        return not close and not self.io.broken
 
 
 class _Closed(Exception):
