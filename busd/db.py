@@ -60,6 +60,12 @@ MIGRATIONS: list[str] = [
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
+INSERT_MESSAGE = (
+    "INSERT INTO messages (id, sender, recipient, subject, body, reply_to, ts, key, recipients) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 class UnusableDatabase(Exception):
     """The database cannot be used: busy, foreign, or from a newer busd."""
 
@@ -231,6 +237,13 @@ class Writer:
     strict: bool
     known: set[str] = field(default_factory=set)
     _unread: dict[str, int] = field(default_factory=dict)
+    _next_id: int = 1
+    # Direct sends of the batch not yet inserted: they go in with one
+    # executemany per table when the batch (or a run of sends) ends.
+    _messages: list[tuple[object, ...]] = field(default_factory=list)
+    _inbox: list[tuple[int, str]] = field(default_factory=list)
+    _new_unread: dict[str, int] = field(default_factory=dict)
+    _keys: dict[tuple[str, str], SendDone] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._load_caches()
@@ -239,6 +252,11 @@ class Writer:
         rows = self.conn.execute("SELECT name, known, unread FROM agents").fetchall()
         self.known = {name for name, known, _ in rows if known}
         self._unread = {name: unread for name, _, unread in rows}
+        # Ids are handed out here (the only writer); AUTOINCREMENT's counter
+        # keeps the highest id ever used, so no id is ever reused.
+        row = self.conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self._next_id = (row[0] if row else 0) + 1
+        self._messages, self._inbox, self._new_unread, self._keys = [], [], {}, {}
 
     def apply(self, ops: list[Op]) -> list[Outcome]:
         """``stage`` and ``commit`` in one call."""
@@ -261,10 +279,13 @@ class Writer:
         try:
             c.execute("BEGIN IMMEDIATE")
             for op in ops:
+                if not isinstance(op, Send) or op.to == BROADCAST:
+                    self._insert_sends()  # in order: this op may read what they write
                 try:
                     outcomes.append(self._apply_one(op, now))
                 except BusError as e:
                     outcomes.append(e)
+            self._insert_sends()
         except Exception as e:  # sqlite3.Error, or a bug: nothing of the batch is kept
             self._abort()
             return [BusError(Reason.UNAVAILABLE, f"database error: {e}")] * len(ops)
@@ -324,6 +345,9 @@ class Writer:
         c = self.conn
         # -- checks: nothing is written before all of them pass
         if op.key is not None:
+            staged = self._keys.get((op.sender, op.key))
+            if staged is not None:
+                return SendDone(staged.id, staged.timestamp, staged.recipients, True)
             row = c.execute(
                 "SELECT id, ts, recipients FROM messages WHERE sender = ? AND key = ?", (op.sender, op.key)
             ).fetchone()
@@ -343,24 +367,38 @@ class Writer:
             recipients = [op.to]
         # -- writes
         self._make_known(op.sender, now)
-        mid = c.execute(
-            "INSERT INTO messages (sender, recipient, subject, body, reply_to, ts, key, recipients) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (op.sender, op.to, op.subject, op.body, op.reply_to, now, op.key, len(recipients)),
-        ).lastrowid
-        assert mid is not None
+        mid = self._next_id
+        self._next_id += 1
+        row = (mid, op.sender, op.to, op.subject, op.body, op.reply_to, now, op.key, len(recipients))
         if op.to == BROADCAST:
+            c.execute(INSERT_MESSAGE, row)
             c.executemany("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", [(mid, a) for a in recipients])
             c.execute("UPDATE agents SET unread = unread + 1 WHERE known = 1 AND name <> ?", (op.sender,))
-        else:
-            c.execute("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", (mid, op.to))
-            c.execute(
-                "INSERT INTO agents (name, unread) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET unread = unread + 1",
-                (op.to,),
-            )
+        else:  # inserted with the rest of the run of sends (_insert_sends)
+            self._messages.append(row)
+            self._inbox.append((mid, op.to))
+            self._new_unread[op.to] = self._new_unread.get(op.to, 0) + 1
         for a in recipients:
             self._unread[a] = self._unread.get(a, 0) + 1
-        return SendDone(mid, now, len(recipients), False)
+        done = SendDone(mid, now, len(recipients), False)
+        if op.key is not None:
+            self._keys[(op.sender, op.key)] = done
+        return done
+
+    def _insert_sends(self) -> None:
+        """Insert the direct sends staged since the last call."""
+        if not self._messages:
+            self._keys.clear()
+            return
+        c = self.conn
+        c.executemany(INSERT_MESSAGE, self._messages)
+        c.executemany("INSERT INTO inbox (message_id, agent) VALUES (?, ?)", self._inbox)
+        c.executemany(
+            "INSERT INTO agents (name, unread) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET unread = unread + excluded.unread",
+            self._new_unread.items(),
+        )
+        self._messages, self._inbox, self._new_unread, self._keys = [], [], {}, {}
 
     def _ack(self, op: Ack, now: str) -> int:
         c = self.conn
