@@ -9,9 +9,11 @@ stop, then shut down in order. Nesting order is shutdown order:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import trio
@@ -26,6 +28,8 @@ from .store import open_store
 log = logging.getLogger(__name__)
 
 GRACE = 2.0  # seconds for connections to send their last replies at shutdown
+GC_THRESHOLDS = (10_000, 50, 1_000)  # CPython's default is (700, 10, 10)
+GC_EVERY = 600.0  # seconds between full garbage collections
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ async def run(
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as front:
                 front.start_soon(_watch_signals, stop)
+                front.start_soon(_collect_garbage)
                 await front.start(bus.run_maintenance)
                 port = await front.start(server.serve, config.host, config.port, handlers)
                 http_port = None
@@ -81,6 +86,26 @@ async def run(
             await store.drain()  # every queued write committed and answered
             handlers.cancel_scope.deadline = trio.current_time() + GRACE
     log.info("busd stopped; database closed")
+
+
+def tune_gc() -> None:
+    """For the daemon process. busd makes almost no cyclic garbage, yet with
+    CPython's default thresholds a loaded daemon runs a full collection every
+    few seconds, and with 1,000 connections open each one stops the event
+    loop for 30 to 90 ms (measured: open-loop send p99 24 to 52 ms, 4 to 7 ms
+    without). So: move what exists at start-up out of the collector's sight,
+    collect young objects less often, and make full collections happen on a
+    clock instead (``_collect_garbage``)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+async def _collect_garbage() -> None:
+    while True:
+        await trio.sleep(GC_EVERY)
+        t0 = time.perf_counter()
+        found = gc.collect()
+        log.debug("full garbage collection: %d objects freed in %.1f ms", found, (time.perf_counter() - t0) * 1000)
 
 
 async def _watch_signals(stop: trio.Event) -> None:

@@ -64,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     _raise_fd_limit()
+    app.tune_gc()
     try:
         trio.run(app.run, config)
     except Exception as e:
