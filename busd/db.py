@@ -11,7 +11,6 @@ Tables
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
@@ -72,10 +71,22 @@ class UnusableDatabase(Exception):
 
 def timestamp(t: float | None = None) -> str:
     """UTC, ISO 8601, milliseconds, trailing Z."""
+    global _second
     if t is None:
         t = time.time()
-    d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    whole = int(t)
+    us = round((t - whole) * 1e6)  # as datetime rounds, then cut to milliseconds
+    if us == 1_000_000:
+        whole, us = whole + 1, 0
+    ms = us // 1000
+    second, prefix = _second
+    if whole != second:  # formatted once a second, not on every commit
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+        _second = (whole, prefix)
+    return f"{prefix}{ms:03d}Z"
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 # ---- connections ------------------------------------------------------------

@@ -207,3 +207,17 @@ def test_schema_version_newer_is_refused(tmp_path):
 def test_timestamp_format():
     assert db.timestamp(0) == "1970-01-01T00:00:00.000Z"
     assert db.timestamp(1.2345) == "1970-01-01T00:00:01.234Z"
+
+
+def test_timestamp_agrees_with_datetime():
+    """The cached-per-second formatter rounds exactly as datetime does."""
+    import datetime as dt
+    import random
+
+    rng = random.Random(5)
+    values = [0.0, 0.9995, 0.9999999, 59.9996, 1764201600.123, 1764201600.9995, 4102444799.9999]
+    values += [rng.uniform(0, 4e9) for _ in range(20_000)]
+    values += [1764201600 + rng.randrange(0, 10**7) / 1000 for _ in range(20_000)]
+    for t in values:
+        d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+        assert db.timestamp(t) == d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z", t
