@@ -60,8 +60,9 @@ class Bus:
         self._seen_at: dict[str, float] = {}  # not yet written to the database
         self._started = time.time()
         self.closing = False
+        self.closed = trio.Event()  # set by close()
         self._reading: set[trio.CancelScope] = set()
-        self._read_deadline = math.inf
+        self.read_deadline = math.inf
         self.connections_open = 0
         self.connections_total = 0
         self.requests = 0
@@ -206,14 +207,15 @@ class Bus:
         after ``timeout`` or, once ``close`` is called, READ_GRACE seconds
         later: bytes a client has already sent are still read and answered,
         idle connections end."""
-        return _Reading(self._reading, min(trio.current_time() + timeout, self._read_deadline))
+        return _Reading(self._reading, min(trio.current_time() + timeout, self.read_deadline))
 
     def close(self) -> None:
         """At shutdown: answer every long-poll now, stop reading soon."""
         self.closing = True
-        self._read_deadline = trio.current_time() + READ_GRACE
+        self.closed.set()
+        self.read_deadline = trio.current_time() + READ_GRACE
         for scope in self._reading:
-            scope.deadline = min(scope.deadline, self._read_deadline)
+            scope.deadline = min(scope.deadline, self.read_deadline)
         self.store.mailboxes.wake_all()
 
     async def run_maintenance(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -107,6 +107,7 @@ class JsonLinesConnection:
             self.io = io = SocketIO(self.stream, conn.cancel_scope, WRITE_TIMEOUT, self.cid)
             try:
                 conn.start_soon(io.run_drain)
+                conn.start_soon(self._watch)
                 async with trio.open_nursery() as requests:
                     if not await self._read_loop(first, requests):
                         conn.cancel_scope.cancel()  # the peer is gone: drop everything
@@ -141,19 +142,32 @@ class JsonLinesConnection:
             if data is not None:
                 await trio.lowlevel.checkpoint()  # the client keeps us busy: let others run
             else:
-                with self.bus.reading(self._last_active + IDLE_TIMEOUT - trio.current_time()) as reading:
-                    data = await io.recv()
-                if reading.cancelled_caught:
-                    if self.bus.closing:
-                        return True  # shutting down: answer what is in flight, then close
-                    if not self._unanswered and trio.current_time() >= self._last_active + IDLE_TIMEOUT:
-                        log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
-                        return True
-                    data = b""
-                    continue
+                data = await io.recv()
             self._last_active = trio.current_time()
-            if not data:
-                return not io.broken  # EOF: answer what is in flight, then close
+            if not data:  # EOF, or _watch stopped the reading
+                return not io.broken  # answer what is in flight, then close
+
+    async def _watch(self) -> None:
+        """End the reading once the connection has been idle (nothing in
+        flight, nothing said) for IDLE_TIMEOUT, or READ_GRACE after shutdown
+        begins: by shutting the socket's read side, so the reader still gets
+        what the client has sent, then EOF. (One sleeping task per connection
+        instead of a timer on every read.)"""
+        bus = self.bus
+        while not bus.closing:
+            now = trio.current_time()
+            deadline = self._last_active + IDLE_TIMEOUT
+            if deadline <= now:  # a request is still in flight: look again later
+                deadline = now + IDLE_TIMEOUT
+            with trio.move_on_at(deadline):
+                await bus.closed.wait()
+            now = trio.current_time()
+            if not bus.closing and not self._unanswered and now >= self._last_active + IDLE_TIMEOUT:
+                log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
+                break
+        else:
+            await trio.sleep_until(bus.read_deadline)
+        self.io.stop_reading()
 
     async def _wait_for_room(self) -> None:
         if self._unanswered >= MAX_INFLIGHT:

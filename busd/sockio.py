@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import trio
 
@@ -75,6 +76,14 @@ class SocketIO:
             if data is not None:
                 return data
             await trio.lowlevel.wait_readable(self.sock)
+
+    def stop_reading(self) -> None:
+        """From now on the reader gets what the peer has already sent, then
+        EOF; a reader waiting now wakes up. Replies can still be written."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:  # the peer is gone already
+            pass
 
     # -- writing -------------------------------------------------------------
 
