@@ -61,7 +61,6 @@ class Bus:
         self._started = time.time()
         self.closing = False
         self.closed = trio.Event()  # set by close()
-        self._reading: set[trio.CancelScope] = set()
         self.read_deadline = math.inf
         self.connections_open = 0
         self.connections_total = 0
@@ -202,20 +201,14 @@ class Bus:
 
     # -- life cycle ------------------------------------------------------------
 
-    def reading(self, timeout: float = math.inf) -> _Reading:
-        """Transports wait for request bytes inside this scope; it runs out
-        after ``timeout`` or, once ``close`` is called, READ_GRACE seconds
+    def close(self) -> None:
+        """At shutdown: answer every long-poll now. Transports watch
+        ``closed`` and stop reading at ``read_deadline``, READ_GRACE seconds
         later: bytes a client has already sent are still read and answered,
         idle connections end."""
-        return _Reading(self._reading, min(trio.current_time() + timeout, self.read_deadline))
-
-    def close(self) -> None:
-        """At shutdown: answer every long-poll now, stop reading soon."""
+        self.read_deadline = trio.current_time() + READ_GRACE
         self.closing = True
         self.closed.set()
-        self.read_deadline = trio.current_time() + READ_GRACE
-        for scope in self._reading:
-            scope.deadline = min(scope.deadline, self.read_deadline)
         self.store.mailboxes.wake_all()
 
     async def run_maintenance(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -258,25 +251,6 @@ class Bus:
         if total:
             log.info("retention: deleted %d read inbox entries older than %s", total, cutoff)
         return total
-
-
-class _Reading:
-    """``with bus.reading(t) as scope``: a CancelScope that ``Bus.close`` can
-    reach. A class, not @contextmanager: it is entered for every read."""
-
-    __slots__ = ("_scopes", "scope")
-
-    def __init__(self, scopes: set[trio.CancelScope], deadline: float) -> None:
-        self._scopes = scopes
-        self.scope = trio.CancelScope(deadline=deadline)
-
-    def __enter__(self) -> trio.CancelScope:
-        self._scopes.add(self.scope)
-        return self.scope.__enter__()
-
-    def __exit__(self, *exc: object) -> bool:
-        self._scopes.discard(self.scope)
-        return self.scope.__exit__(*exc)  # type: ignore[arg-type]
 
 
 def send_result(done: db.SendDone) -> SendResult:

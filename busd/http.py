@@ -68,6 +68,12 @@ class HttpConnection:
         cfg = bus.config
         self.max_request = max(1024 * 1024, cfg.max_body * 6 + 16 * 1024)  # JSON may escape 1 byte to 6
         self.io: SocketIO
+        # for _watch: whether we wait for a request, since when, and why we stopped reading
+        self._reading = True
+        self._last_active = trio.current_time()  # the last response, or the connection's start
+        self._begun: float | None = None  # the current request's first byte
+        self._stop: str | None = None
+        self._sleep: trio.CancelScope | None = None  # _watch's
 
     async def run(self, first: bytes) -> None:
         self.h11.receive_data(first)
@@ -75,6 +81,7 @@ class HttpConnection:
             self.io = SocketIO(self.stream, conn.cancel_scope, WRITE_TIMEOUT, self.cid)
             try:
                 conn.start_soon(self.io.run_drain)
+                conn.start_soon(self._watch)
                 await self._serve()
                 await self.io.flushed()
                 conn.cancel_scope.cancel()  # done: stop the drain task
@@ -99,7 +106,10 @@ class HttpConnection:
                 log.info("conn=%d HTTP request too slow; closing", self.cid)
                 self._send(408, error_body(Reason.BAD_REQUEST, "request not received in time"), close=True)
                 return
+            self._reading = False
             status, payload, headers = await self._respond(request, body)
+            self._reading = True
+            self._last_active = trio.current_time()
             if not self._send(status, payload, headers):
                 return
             if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
@@ -112,24 +122,31 @@ class HttpConnection:
                 await self.io.flushed()  # the client reads its response before we read on
 
     async def _read_request(self) -> tuple[h11.Request, bytes]:
-        """The next request; _Closed at a clean end (EOF or shutdown between
-        requests, or idleness), TooSlowError for a request begun but not
-        finished in time."""
+        """The next request; _Closed at a clean end (EOF, or shutdown or
+        idleness between requests), TooSlowError for a request begun but not
+        finished in time (see _watch)."""
         request: h11.Request | None = None
         body = bytearray()
-        begun = bool(self.h11.trailing_data[0])  # bytes of this request already here
-        with self.bus.reading(REQUEST_TIMEOUT if begun else IDLE_TIMEOUT) as scope:
+        if self.h11.trailing_data[0]:  # bytes of this request already here
+            self._begun = trio.current_time()
+        try:
             while True:
                 event = self.h11.next_event()
                 if event is h11.NEED_DATA:
                     data = self.io.recv_nowait()
                     if data is None:
+                        if self._begun is not None and self._sleep is not None:
+                            # a request that does not come in one piece: _watch
+                            # must wake in time for its REQUEST_TIMEOUT
+                            self._sleep.deadline = min(self._sleep.deadline, self._begun + REQUEST_TIMEOUT)
                         data = await self.io.recv()
-                    if not data and self.h11.their_state is h11.IDLE and request is None:
-                        raise _Closed  # a clean close between requests
-                    if not begun:
-                        begun = True
-                        scope.deadline = min(scope.deadline, trio.current_time() + REQUEST_TIMEOUT)
+                    if not data:
+                        if self._stop == "slow":
+                            raise trio.TooSlowError
+                        if self._stop is not None or (self.h11.their_state is h11.IDLE and request is None):
+                            raise _Closed  # idle, shutting down, or a clean close between requests
+                    elif self._begun is None:
+                        self._begun = trio.current_time()
                     self.h11.receive_data(data)
                 elif isinstance(event, h11.Request):
                     request = event
@@ -147,9 +164,39 @@ class HttpConnection:
                     return request, bytes(body)
                 elif isinstance(event, h11.ConnectionClosed):
                     raise _Closed
-        if not begun or self.bus.closing:
-            raise _Closed  # an idle keep-alive connection, or shutdown: just close it
-        raise trio.TooSlowError
+        finally:
+            self._begun = None
+
+    async def _watch(self) -> None:
+        """End the reading when a keep-alive connection has waited IDLE_TIMEOUT
+        for a request, when a request has taken REQUEST_TIMEOUT from its first
+        byte (answered 408), or READ_GRACE after shutdown begins: by shutting
+        the socket's read side, so the reader sees EOF (one sleeping task per
+        connection instead of a timer on every request)."""
+        bus = self.bus
+        while not bus.closing:
+            now = trio.current_time()
+            if not self._reading:  # answering (a long-poll, say): look again later
+                deadline = now + IDLE_TIMEOUT
+            elif self._begun is not None:
+                deadline = min(self._last_active + IDLE_TIMEOUT, self._begun + REQUEST_TIMEOUT)
+            else:
+                deadline = self._last_active + IDLE_TIMEOUT
+            with trio.move_on_at(max(deadline, now)) as self._sleep:
+                await bus.closed.wait()
+            now = trio.current_time()
+            if bus.closing or not self._reading:
+                continue
+            if self._begun is not None and now >= min(self._last_active + IDLE_TIMEOUT, self._begun + REQUEST_TIMEOUT):
+                self._stop = "slow"
+                break
+            if self._begun is None and now >= self._last_active + IDLE_TIMEOUT:
+                self._stop = "idle"  # an idle keep-alive connection: closed quietly
+                break
+        else:
+            await trio.sleep_until(bus.read_deadline)
+            self._stop = "closing"
+        self.io.stop_reading()
 
     async def _respond(self, request: h11.Request, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
         self.bus.requests += 1

@@ -138,8 +138,9 @@ class JsonLinesConnection:
                 await self._handle_line(line, requests)
             if io.broken:
                 return False
-            data = io.recv_nowait()
-            if data is not None:
+            ready = io.recv_nowait()
+            if ready is not None:
+                data = ready
                 await trio.lowlevel.checkpoint()  # the client keeps us busy: let others run
             else:
                 data = await io.recv()
