@@ -70,12 +70,13 @@ class SocketIO:
             return b""
 
     async def recv(self) -> bytes:
-        """The next bytes from the peer; b"" at EOF or if the connection broke."""
+        """The next bytes from the peer; b"" at EOF or if the connection broke.
+        Waits first: call it once ``recv_nowait`` has come back empty."""
         while True:
+            await trio.lowlevel.wait_readable(self.sock)
             data = self.recv_nowait()
             if data is not None:
                 return data
-            await trio.lowlevel.wait_readable(self.sock)
 
     def stop_reading(self) -> None:
         """From now on the reader gets what the peer has already sent, then
