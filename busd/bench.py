@@ -1374,7 +1374,7 @@ COMPONENTS: list[tuple[str, str]] = [
     ("timeouts and cancel scopes", r"_timeouts\.py|CancelScope|CancelStatus|Deadlines|_might_change|contextlib"),
     ("channels, events, locks", r"trio/_channel\.py|trio/_sync\.py|_parking_lot|_unbounded_queue"),
     ("trio scheduler and epoll", r"trio/_core/"),
-    ("HTTP parsing (h11)", r"h11/"),
+    ("HTTP parsing (httptools)", r"httptools/"),
     ("JSON-lines transport (framing, decode, encode)", r"busd/(jsonl|framing)\.py"),
     ("HTTP transport (busd/http.py)", r"busd/http\.py"),
     ("bus logic (core, store, ratelimit, wire)", r"busd/(core|store|ratelimit|wire|serve|app)\.py"),

@@ -286,10 +286,11 @@ class Malformed(AssertionError):
     pass
 
 
-def parse_http_response(data: bytes) -> tuple[int, dict[str, str], bytes, int] | None:
+def parse_http_response(data: bytes, to_head: bool = False) -> tuple[int, dict[str, str], bytes, int] | None:
     """(status, headers, body, bytes used) of the first complete response in
     ``data``; None if it is incomplete. Raises Malformed. busd always sends
-    Content-Length."""
+    Content-Length; a response to a HEAD request (``to_head``) has no body all
+    the same (RFC 9110, 9.3.2)."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         if len(data) > 65536:
@@ -310,28 +311,54 @@ def parse_http_response(data: bytes) -> tuple[int, dict[str, str], bytes, int] |
         return status, headers, b"", end + 4
     if "content-length" not in headers:
         raise Malformed(f"response {status} without content-length: {headers}")
-    length = int(headers["content-length"])
+    length = 0 if to_head else int(headers["content-length"])
     if len(data) < end + 4 + length:
         return None
     return status, headers, data[end + 4 : end + 4 + length], end + 4 + length
 
 
-def check_http_replies(data: bytes, *, closed: bool = True, allow_unavailable: bool = False) -> list[int]:
+def request_methods(sent: bytes) -> list[bytes]:
+    """The methods of the requests in ``sent``, in order, as far as they
+    parse (to know which responses answer HEAD and so have no body)."""
+    import httptools
+
+    methods: list[bytes] = []
+
+    class Collect:
+        def on_message_begin(self) -> None:
+            methods.append(b"")  # not known yet: the request line may not parse
+
+        def on_url(self, url: bytes) -> None:
+            methods[-1] = parser.get_method()
+
+    parser = httptools.HttpRequestParser(Collect())
+    try:
+        parser.feed_data(sent)
+    except httptools.HttpParserError:
+        pass
+    return methods
+
+
+def check_http_replies(
+    data: bytes, *, closed: bool = True, allow_unavailable: bool = False, methods: list[bytes] | None = None
+) -> list[int]:
     """Every response in ``data`` is HTTP/1.1 with a JSON body in the
-    contract's shape; a trailing incomplete response is allowed only if the
-    connection was cut mid-write (it never is here, so: not allowed).
-    Returns the statuses."""
+    contract's shape (none for HEAD: ``methods`` of the requests, in order);
+    a trailing incomplete response is allowed only if the connection was cut
+    mid-write (it never is here, so: not allowed). Returns the statuses."""
     statuses: list[int] = []
     rest = data
     while rest:
-        parsed = parse_http_response(rest)
+        answered = len([s for s in statuses if s != 100])
+        head = methods is not None and answered < len(methods) and methods[answered] == b"HEAD"
+        parsed = parse_http_response(rest, head)
         if parsed is None:
             raise Malformed(f"truncated response: {rest[:200]!r}")
         status, headers, body, used = parsed
         rest = rest[used:]
         statuses.append(status)
-        if status == 100:
-            continue
+        if status == 100 or head:
+            continue  # (a HEAD response's headers were checked; there is no body)
         if not headers.get("content-type", "").startswith("application/json"):
             raise Malformed(f"{status} content-type {headers.get('content-type')!r}")
         try:
@@ -348,7 +375,7 @@ def check_http_replies(data: bytes, *, closed: bool = True, allow_unavailable: b
                 raise Malformed(f"{status} bad error object: {body[:300]!r}")
             if err["code"] == "unavailable" and not allow_unavailable:
                 raise Malformed(f"internal error reported: {body[:300]!r}")
-        # 507 is inbox_full; 501 is h11's answer to an unknown Transfer-Encoding
+        # 507 is inbox_full; 501 was h11's answer to an unknown Transfer-Encoding
         if status >= 500 and status not in (501, 507) and not allow_unavailable:
             raise Malformed(f"server error {status}: {body[:300]!r}")
     return statuses
@@ -400,7 +427,7 @@ def check_replies(sent: bytes, data: bytes, **kw: Any) -> str:
     if sent[0] in JSONL_FIRST:
         check_jsonl_replies(data, **kw)
         return "jsonl"
-    check_http_replies(data, **kw)
+    check_http_replies(data, methods=request_methods(sent), **kw)
     return "http"
 
 
