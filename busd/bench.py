@@ -1370,7 +1370,7 @@ COMPONENTS: list[tuple[str, str]] = [
         "thread hop (to_thread, wake-up socketpair, outcome)",
         r"_thread_cache|_threads\.py|_wakeup_socketpair|_entry_queue|outcome/|threading\.py",
     ),
-    ("socket send/recv (trio socket layer)", r"trio/_socket\.py|trio/_highlevel_socket\.py"),
+    ("socket reads and writes (busd/sockio.py, trio's socket layer)", r"busd/sockio\.py|trio/_socket\.py|trio/_highlevel_socket\.py"),
     ("timeouts and cancel scopes", r"_timeouts\.py|CancelScope|CancelStatus|Deadlines|_might_change|contextlib"),
     ("channels, events, locks", r"trio/_channel\.py|trio/_sync\.py|_parking_lot|_unbounded_queue"),
     ("trio scheduler and epoll", r"trio/_core/"),
