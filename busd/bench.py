@@ -426,6 +426,8 @@ def merge_verifications(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True, "examples": []}
     for p in parts:
         out["ok"] = out["ok"] and p["ok"]
+        if p.get("skipped"):
+            out["skipped"] = True
         for k in ("acked", "delivered", "missing", "duplicates", "out_of_order", "unexpected"):
             out[k] = out.get(k, 0) + p[k]
         out["examples"] = (out["examples"] + p["examples"])[:5]
@@ -1566,7 +1568,9 @@ def describe(r: dict[str, Any]) -> str:
     if r["errors"]:
         lines.append(f"  errors             {r['errors']}")
     v = r["verification"]
-    if v["ok"] and not v["acked"]:
+    if v.get("skipped"):
+        lines.append("  verification       skipped: the floor server stores nothing")
+    elif v["ok"] and not v["acked"]:
         lines.append("  verification       ok: no sends, nothing delivered")
     elif v["ok"]:
         lines.append(

@@ -56,3 +56,22 @@ def test_verification_catches_loss_duplicates_and_reordering():
     assert not swapped["ok"] and swapped["out_of_order"] == 1
     stray = verify({("a", "b"): [1]}, {"b": [("a", 1), ("a", 9)]})
     assert not stray["ok"] and stray["unexpected"] == 1
+
+
+def test_compare_runs_busd_and_the_floor_side_by_side(tmp_path):
+    out = tmp_path / "compare.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "busd.bench", "compare", "--systems", "busd-jsonl,floor-jsonl", "--agents", "8",
+         "--duration", "1", "--reps", "1", "--workers", "2", "--out", str(tmp_path), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = {r["target"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"busd", "floor"}
+    busd, floor = runs["busd"], runs["floor"]
+    assert busd["verification"]["ok"] and busd["verification"]["delivered"] == busd["acked"] > 0
+    # the floor stores nothing, so there is nothing to verify; it must still have answered sends
+    assert floor["verification"].get("skipped") and floor["acked"] > 0 and floor["errors"] == {}
+    assert "| floor-jsonl |" in proc.stdout and "| busd-jsonl |" in proc.stdout
