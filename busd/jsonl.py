@@ -62,6 +62,7 @@ CODES: dict[Reason, int] = {
 MAX_INFLIGHT = 256  # requests of one connection read but not yet answered
 WRITE_TIMEOUT = 30.0  # a client that leaves its replies unread for this long is dropped
 IDLE_TIMEOUT = 900.0  # a connection with nothing in flight and nothing said is closed
+LINE_TIMEOUT = 60.0  # from a line's first byte to its newline
 
 
 def error_line(rid: RequestId, code: int, reason: Reason, message: str, **data: Any) -> bytes:
@@ -100,6 +101,9 @@ class JsonLinesConnection:
         self._unanswered = 0
         self._answered = Signal()  # fired when a reply is handed over
         self._last_active = trio.current_time()  # a request read or a reply sent
+        self._line_begun: float | None = None  # when the unfinished line we hold began
+        self._too_slow = False  # _watch cut an unfinished line
+        self._sleep: trio.CancelScope | None = None  # _watch's
         self.io: SocketIO
 
     async def run(self, first: bytes) -> None:
@@ -132,6 +136,12 @@ class JsonLinesConnection:
                 self._unanswered += 1
                 self._reply(error_line(None, INVALID_REQUEST, Reason.TOO_LARGE, "line over 1 MiB"))
                 return True
+            if not lines.pending:
+                self._line_begun = None
+            elif self._line_begun is None or batch:
+                self._line_begun = trio.current_time()
+                if self._sleep is not None:  # _watch must wake in time for LINE_TIMEOUT
+                    self._sleep.deadline = min(self._sleep.deadline, self._line_begun + LINE_TIMEOUT)
             for line in batch:
                 while self._unanswered >= MAX_INFLIGHT or len(io.backlog) >= OUT_MAX:
                     await self._wait_for_room()
@@ -146,24 +156,37 @@ class JsonLinesConnection:
                 data = await io.recv()
             self._last_active = trio.current_time()
             if not data:  # EOF, or _watch stopped the reading
+                if self._too_slow:
+                    self._unanswered += 1
+                    message = f"line not received within {LINE_TIMEOUT:g} s of its first byte"
+                    self._reply(error_line(None, INVALID_REQUEST, Reason.BAD_REQUEST, message))
                 return not io.broken  # answer what is in flight, then close
 
     async def _watch(self) -> None:
         """End the reading once the connection has been idle (nothing in
-        flight, nothing said) for IDLE_TIMEOUT, or READ_GRACE after shutdown
-        begins: by shutting the socket's read side, so the reader still gets
-        what the client has sent, then EOF. (One sleeping task per connection
-        instead of a timer on every read.)"""
+        flight, nothing said) for IDLE_TIMEOUT, once a line has taken
+        LINE_TIMEOUT since its first byte (answered with an error), or
+        READ_GRACE after shutdown begins: by shutting the socket's read side,
+        so the reader still gets what the client has sent, then EOF. (One
+        sleeping task per connection instead of a timer on every read.)"""
         bus = self.bus
         while not bus.closing:
             now = trio.current_time()
             deadline = self._last_active + IDLE_TIMEOUT
             if deadline <= now:  # a request is still in flight: look again later
                 deadline = now + IDLE_TIMEOUT
-            with trio.move_on_at(deadline):
+            if self._line_begun is not None:
+                deadline = min(deadline, self._line_begun + LINE_TIMEOUT)
+            with trio.move_on_at(max(deadline, now)) as self._sleep:
                 await bus.closed.wait()
             now = trio.current_time()
-            if not bus.closing and not self._unanswered and now >= self._last_active + IDLE_TIMEOUT:
+            if bus.closing:
+                continue
+            if self._line_begun is not None and now >= self._line_begun + LINE_TIMEOUT:
+                log.info("conn=%d line not finished in %.0fs; closing", self.cid, LINE_TIMEOUT)
+                self._too_slow = True
+                break
+            if not self._unanswered and now >= self._last_active + IDLE_TIMEOUT:
                 log.info("conn=%d idle for %.0fs; closing", self.cid, IDLE_TIMEOUT)
                 break
         else:

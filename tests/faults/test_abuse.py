@@ -268,6 +268,66 @@ async def test_idle_connections_are_closed_after_their_timeouts(start_bus: Any, 
     assert 1.5 + 0.4 < results["long-poll"][0] < 4.0  # answered at 1.5 s, closed idle after
 
 
+async def test_a_json_line_that_never_ends_is_cut_after_line_timeout(start_bus: Any, monkeypatch: Any) -> None:
+    """A client that keeps a line open by trickling bytes is never idle, so
+    the idle timeout does not reach it; LINE_TIMEOUT does: the line gets an
+    error reply and the connection closes. A slow line that does end in time
+    is answered as usual, and everyone else is served meanwhile."""
+    monkeypatch.setattr(busd_jsonl, "LINE_TIMEOUT", 1.0)
+    bus = await start_bus()
+
+    async def trickler() -> tuple[float, bytes, str]:
+        s = await connect(bus.port)
+        try:
+            t0 = trio.current_time()
+            await s.send_all(PING + b'{"id":2,"method":')
+            async with trio.open_nursery() as n:
+
+                async def drip() -> None:
+                    for _ in range(100):
+                        await trio.sleep(0.1)
+                        try:
+                            await s.send_all(b" ")
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            return
+
+                n.start_soon(drip)
+                data, how = await read_until_closed(s, timeout=8.0)
+                n.cancel_scope.cancel()
+            return trio.current_time() - t0, data, how
+        finally:
+            await s.aclose()
+
+    async def slow_but_finished() -> Any:
+        s = await connect(bus.port)
+        try:
+            for ch in PING:  # 0.6 s for the whole line: within LINE_TIMEOUT
+                await s.send_all(bytes([ch]))
+                await trio.sleep(0.6 / len(PING))
+            return json.loads(await LineReader(s).line())
+        finally:
+            await s.aclose()
+
+    out: dict[str, Any] = {}
+    with trio.fail_after(15):
+        async with trio.open_nursery() as n:
+
+            async def run(name: str, fn: Any) -> None:
+                out[name] = await fn()
+
+            n.start_soon(run, "trickler", trickler)
+            n.start_soon(run, "slow", slow_but_finished)
+    elapsed, data, how = out["trickler"]
+    report("never-ending line", cut_after_s=f"{elapsed:.2f}", how=how)
+    assert how == "eof", how
+    first, cut = check_jsonl_replies(data)
+    assert first["result"]["pong"] is True  # the complete line before it was answered
+    assert cut["id"] is None and cut["error"]["code"] == -32600
+    assert cut["error"]["data"]["reason"] == "bad_request" and "not received within" in cut["error"]["message"]
+    assert 0.9 < elapsed < 4.0, elapsed
+    assert out["slow"]["result"]["pong"] is True
+
+
 # ---- slowloris -----------------------------------------------------------------
 
 
@@ -308,8 +368,8 @@ async def test_http_slowloris_is_cut_off(tmp_path: Any) -> None:
         jsonl_alive: list[bool] = []
 
         async def jsonl_loris() -> None:
-            # JSON lines has no per-line deadline: a slow line is not cut
-            # (only IDLE_TIMEOUT between bytes); it must not disturb anyone.
+            # A slow JSON line that ends within LINE_TIMEOUT (60 s) is not
+            # cut; it must not disturb anyone.
             s = await connect(d.port)
             try:
                 await s.send_all(b'{"id":1,')
