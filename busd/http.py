@@ -292,7 +292,8 @@ class HttpConnection:
         path = url.path
         method = request.method
         if path == "/healthz":
-            _allow(method, b"GET")
+            if method != b"HEAD":  # (monitors may ask with HEAD: the same answer, without its body)
+                _allow(method, b"GET")
             return _Health()
         if path == "/api/send":
             _allow(method, b"POST")

@@ -44,6 +44,18 @@ async def test_healthz(http):
         assert resp.status == 200 and resp.json()["ok"] is True
 
 
+async def test_head_gets_the_headers_without_a_body_and_the_connection_goes_on(http):
+    with trio.fail_after(5):
+        got = await http.get("/healthz")
+        head = await http.request("HEAD", "/healthz")
+        assert head.status == 200 and head.body == b""
+        assert head.headers["content-length"] == str(len(got.body))  # what GET would send
+        refused = await http.request("HEAD", "/api/send")  # not a GET route: 405, still without a body
+        assert refused.status == 405 and refused.body == b"" and refused.headers["allow"] == "POST"
+        again = await http.get("/healthz")  # the same keep-alive connection, in step
+        assert again.status == 200 and again.json()["ok"] is True
+
+
 @pytest.mark.parametrize(
     "query",
     [
