@@ -48,7 +48,7 @@ import time
 import traceback
 from array import array
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -371,7 +371,7 @@ async def _drain_all(client: Client, start: dict[str, int], concurrency: int = 1
 
 
 def verify(
-    expected: dict[tuple[str, str], Sequence[int]], received: dict[str, list[tuple[str, int]]]
+    expected: Mapping[tuple[str, str], Sequence[int]], received: Mapping[str, list[tuple[str, int]]]
 ) -> dict[str, Any]:
     """``expected[(sender, recipient)]``: the seqs acknowledged to the sender;
     ``received[recipient]``: (sender, seq) in the order the inbox gave them.
@@ -553,10 +553,11 @@ async def _closed_worker(pipe: Any, spec: dict[str, Any]) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         for k in range(n):
             a, b = names[k].encode(), targets[k].encode()
-            if isinstance(conns[k], JsonlConn):
-                nursery.start_soon(_closed_jsonl, conns[k], a, b, counts[k], t_end, stats[k], client.pad)
+            conn = conns[k]
+            if isinstance(conn, JsonlConn):
+                nursery.start_soon(_closed_jsonl, conn, a, b, counts[k], t_end, stats[k], client.pad)
             else:
-                nursery.start_soon(_closed_http, conns[k], client, a, b, counts[k], t_end, stats[k])
+                nursery.start_soon(_closed_http, conn, client, a, b, counts[k], t_end, stats[k])
     cpu = time.process_time() - cpu0
     loaded = time.monotonic()
     pipe.send(("loaded", loaded))

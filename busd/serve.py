@@ -38,8 +38,10 @@ class Server:
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
+        # listening already: connections that come before the accept loop wait in the backlog
+        task_status.started(listeners[0].socket.getsockname()[1])
         handler = partial(self.handle, http_only=http_only)
-        await trio.serve_listeners(handler, listeners, handler_nursery=handlers, task_status=_first_port(task_status))
+        await trio.serve_listeners(handler, listeners, handler_nursery=handlers)
 
     async def handle(self, stream: trio.SocketStream, http_only: bool = False) -> None:
         bus = self.bus
@@ -70,13 +72,3 @@ class Server:
             log.exception("conn=%d failed", cid)
         finally:
             bus.connections_open -= 1
-
-
-class _first_port:
-    """Adapts serve_listeners' started(listeners) to started(port)."""
-
-    def __init__(self, status: trio.TaskStatus[int]) -> None:
-        self._status = status
-
-    def started(self, listeners: list[trio.SocketListener]) -> None:
-        self._status.started(listeners[0].socket.getsockname()[1])
