@@ -13,6 +13,7 @@ options, unusable database) and returns its exit code and stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -47,10 +48,30 @@ os.execv(sys.executable, [sys.executable, "-m", "busd", *sys.argv[1:]])
 """
 
 
-def busd_command(db: str | None, *args: str, unprivileged: bool = False) -> list[str]:
+# Runs busd's own CLI after setting module constants given as JSON in argv[1].
+_PATCHED = """\
+import importlib, json, sys
+for dotted, value in json.loads(sys.argv[1]).items():
+    module, _, name = dotted.rpartition(".")
+    mod = importlib.import_module(module)
+    assert hasattr(mod, name), dotted
+    setattr(mod, name, value)
+from busd.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def busd_command(
+    db: str | None, *args: str, unprivileged: bool = False, patches: dict[str, float] | None = None
+) -> list[str]:
     """``python -m busd serve [--db DB] ARGS``. ``unprivileged``: if the tests
-    run as root, the daemon runs without root's power over file permissions."""
-    if unprivileged and os.geteuid() == 0:
+    run as root, the daemon runs without root's power over file permissions.
+    ``patches``: module constants set in the child before it starts (timing
+    only, {"busd.jsonl.WRITE_TIMEOUT": 2.0}: the network and database stay real)."""
+    if patches:
+        assert not unprivileged, "patches and unprivileged do not combine"
+        cmd = [sys.executable, "-c", _PATCHED, json.dumps(patches), "serve"]
+    elif unprivileged and os.geteuid() == 0:
         cmd = [sys.executable, "-c", _DROP_DAC, "serve"]
     else:
         cmd = [sys.executable, "-m", "busd", "serve"]
@@ -94,6 +115,9 @@ class Daemon:
 
     def stderr_text(self) -> str:
         return "\n".join(self.lines)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def send_signal(self, signum: int) -> None:
         if self.process.returncode is None:
@@ -188,6 +212,7 @@ async def running_daemon(
     env: dict[str, str] | None = None,
     timeout: float = START_TIMEOUT,
     unprivileged: bool = False,
+    patches: dict[str, float] | None = None,
     **popen: Any,
 ) -> AsyncIterator[Daemon]:
     """Start ``busd serve --db DB --port 0 ARGS`` (``--port`` only if ARGS do
@@ -197,7 +222,7 @@ async def running_daemon(
     argv = list(args)
     if not any(a == "--port" or a.startswith("--port=") for a in argv) and "--config" not in argv:
         argv += ["--port", "0"]
-    cmd = busd_command(db, *argv, unprivileged=unprivileged)
+    cmd = busd_command(db, *argv, unprivileged=unprivileged, patches=patches)
     process = await trio.lowlevel.open_process(
         cmd,
         stdin=subprocess.DEVNULL,

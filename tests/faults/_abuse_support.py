@@ -22,7 +22,6 @@ import json
 import math
 import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -34,28 +33,13 @@ from typing import Any
 
 import trio
 
-from ..daemon import reap
+from ..daemon import EXIT_TIMEOUT, START_TIMEOUT, Daemon, reap, running_daemon
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 20.0
-EXIT_TIMEOUT = 20.0
-LISTENING = re.compile(r"busd listening on \S+:(?P<port>\d+) ")
 REASONS = frozenset(
     ["bad_request", "unauthorized", "forbidden", "not_found", "too_large", "rate_limited", "inbox_full", "unavailable"]
 )
-
-# Runs busd's own CLI after setting module constants given as JSON in argv[1].
-_WRAPPER = """\
-import importlib, json, sys
-for dotted, value in json.loads(sys.argv[1]).items():
-    module, _, name = dotted.rpartition(".")
-    mod = importlib.import_module(module)
-    assert hasattr(mod, name), dotted
-    setattr(mod, name, value)
-from busd.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def raise_fd_limit(wanted: int = 16384) -> None:
@@ -69,94 +53,18 @@ def raise_fd_limit(wanted: int = 16384) -> None:
 # ---- a child daemon ---------------------------------------------------------
 
 
-@dataclass
-class Child:
-    process: trio.Process
-    port: int = 0
-    lines: list[str] = field(default_factory=list)
-    _listening: trio.Event = field(default_factory=trio.Event)
-    _stderr_done: trio.Event = field(default_factory=trio.Event)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stderr_text(self) -> str:
-        return "\n".join(self.lines)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    async def stop(self) -> int:
-        """SIGTERM and wait; the exit code."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(EXIT_TIMEOUT):
-            code = await self.process.wait()
-            await self._stderr_done.wait()
-        return code
-
-    async def _read_stderr(self) -> None:
-        assert self.process.stderr is not None
-        buf = b""
-        try:
-            async for chunk in self.process.stderr:
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for raw in complete:
-                    self._line(raw.decode("utf-8", "replace"))
-            if buf:
-                self._line(buf.decode("utf-8", "replace"))
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            self._stderr_done.set()
-
-    def _line(self, line: str) -> None:
-        self.lines.append(line)
-        if not self._listening.is_set():
-            m = LISTENING.search(line)
-            if m:
-                self.port = int(m["port"])
-                self._listening.set()
-
-
 @asynccontextmanager
 async def spawn_daemon(
     db: str,
     *args: str,
     patches: dict[str, float] | None = None,
     env: dict[str, str] | None = None,
-) -> AsyncIterator[Child]:
-    """``busd serve --db DB --port 0 ARGS`` as a child process, with module
-    constants set first; yields once it listens; SIGKILLed and reaped on exit
-    if still running."""
-    cmd = [sys.executable, "-c", _WRAPPER, json.dumps(patches or {}), "serve", "--db", db, "--port", "0", *args]
-    process = await trio.lowlevel.open_process(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(ROOT), env=env
-    )
-    child = Child(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(child._read_stderr)
-            try:
-                with trio.move_on_after(START_TIMEOUT):
-                    async with trio.open_nursery() as wait:
-
-                        async def exited() -> None:
-                            await child._stderr_done.wait()
-                            wait.cancel_scope.cancel()
-
-                        wait.start_soon(exited)
-                        await child._listening.wait()
-                        wait.cancel_scope.cancel()
-                if not child._listening.is_set():
-                    raise RuntimeError(f"busd did not start:\n{child.stderr_text()}")
-                yield child
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        await reap(process)
+) -> AsyncIterator[Daemon]:
+    """``busd serve --db DB --port 0 ARGS`` as a child process (tests/daemon.py's
+    ``running_daemon``), with module constants set first; yields once it
+    listens; killed and reaped on exit if still running."""
+    async with running_daemon(db, *args, patches=patches, env=env, cwd=str(ROOT)) as d:
+        yield d
 
 
 # ---- memory -------------------------------------------------------------------
